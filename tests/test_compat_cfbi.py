@@ -1,0 +1,372 @@
+"""vos_kernels.compat.cfbi against a straight port of CFBI's formulas written here.
+
+The port re-derives what CFBI's ``matching.py`` / ``attention.py`` compute (one-hot
+labels, chunk distances padded with 5e4, sigmoid transform, unfold-based local matching
+with CFBI's channel order, attention-head means) in a few lines of plain torch. The
+compat functions must agree with it on small random inputs, values and gradients.
+
+Skipped until the package's public fused ops exist.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+try:
+    import vos_kernels
+
+    _HAVE_OPS = all(hasattr(vos_kernels, n) for n in
+                    ("fb_global_matching", "fb_multi_local_matching", "fb_instance_pooling"))
+except Exception:  # the package or its extension is not built yet
+    _HAVE_OPS = False
+if not _HAVE_OPS:
+    pytest.skip("vos_kernels public fused ops are not available", allow_module_level=True)
+
+from vos_kernels.compat import cfbi  # noqa: E402
+
+PAD = 5e4
+ATOL = 2e-5
+
+
+# ------------------------------------------------------------------ CFBI port
+def _grid(h, w, rate):
+    ys = torch.arange(h) % rate == 0
+    xs = torch.arange(w) % rate == 0
+    return (ys[:, None] & xs[None, :]).float()
+
+
+def port_atrous_labels(labels, rate, pixel_num):
+    """CFBI: objects with > pixel_num * rate^2 pixels keep only grid pixels."""
+    labels = labels.clone()
+    if rate > 1:
+        big = labels.sum(dim=(0, 1)) > pixel_num * rate ** 2
+        labels[:, :, big] = labels[:, :, big] * _grid(*labels.shape[:2], rate)[..., None]
+    return labels
+
+
+def port_global(ref_list, query, lab_list, dis_bias, ori_size=None, rate=1, pixel_num=0):
+    h, w, c = query.shape
+    O = lab_list[0].shape[2]
+    R = torch.cat([r.reshape(-1, c) for r in ref_list])
+    Lb = torch.cat([port_atrous_labels(l, rate, pixel_num).reshape(-1, O) for l in lab_list])
+    keep = Lb.sum(1) > 0.9
+    if keep.sum() == 0:
+        return torch.ones(1, h, w, O, 1)
+    R, Lb = R[keep], Lb[keep]
+    q = query.reshape(-1, c)
+    d = (q * q).sum(1)[:, None] + (R * R).sum(1)[None] - 2 * q @ R.t()
+    d = d[:, None, :] + (Lb < 0.1).t().float()[None] * PAD          # [m, O, N]
+    nn = d.min(dim=2)[0]
+    out = (torch.sigmoid(nn.view(1, h, w, O, 1) + dis_bias.view(1, 1, 1, -1, 1)) - 0.5) * 2
+    if ori_size is not None:
+        out = F.interpolate(out.view(h, w, O, 1).permute(2, 3, 0, 1), size=ori_size,
+                            mode="bilinear", align_corners=True)
+        out = out.permute(2, 3, 0, 1).reshape(1, ori_size[0], ori_size[1], O, 1)
+    return out
+
+
+def port_local(prev, query, prev_lab, dis_bias, windows, ori_size=None, rate=1,
+               allow_downsample=True):
+    H, W, C = prev.shape
+    O = prev_lab.shape[2]
+    ori_size = (H, W) if ori_size is None else tuple(ori_size)
+    x = query.permute(2, 0, 1)[None]
+    y = prev.permute(2, 0, 1)[None]
+    if allow_downsample:
+        size = (H // 2 + 1, W // 2 + 1)
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+        y = F.interpolate(y, size=size, mode="bilinear", align_corners=True)
+    h, w = x.shape[2:]
+    D = windows[-1]
+    P = D - D % rate
+    n = 2 * P // rate + 1
+    c = P // rate
+    offs = F.unfold(F.pad(y, (P, P, P, P)), (h, w), stride=rate).view(C, h * w, n * n)
+    x2 = x.pow(2).sum(1).view(h * w, 1)
+    y2 = F.unfold(F.pad(y.pow(2).sum(1, keepdim=True), (P, P, P, P), value=PAD), (h, w),
+                  stride=rate).view(h * w, n * n)
+    d = x2 + y2 - 2 * torch.einsum("cp,cpo->po", x.view(C, h * w), offs)   # [hw, n*n]
+    lab = prev_lab.permute(2, 0, 1)[:, None]
+    if (h, w) != (H, W):
+        lab = F.interpolate(lab, size=(h, w), mode="nearest")
+    masks = F.unfold(F.pad(lab, (P, P, P, P)), (h, w), stride=rate).view(O, h * w, n * n) > 0.9
+    dm = torch.where(masks, d[None], torch.full((), PAD)).view(O, h * w, n, n)
+    outs = []
+    for k in [windows[-1]] + list(windows[:-1]):     # CFBI: [largest, smallest, ...]
+        kc = k // rate
+        outs.append(dm[:, :, c - kc:c + kc + 1, c - kc:c + kc + 1].reshape(O, h * w, -1)
+                    .min(-1)[0])
+    md = torch.stack(outs, 1).view(O, len(windows), h, w)
+    md = (torch.sigmoid(md + dis_bias.view(-1, 1, 1, 1)) - 0.5) * 2
+    if (h, w) != ori_size:
+        md = F.interpolate(md, size=ori_size, mode="bilinear", align_corners=True)
+    return md.permute(2, 3, 0, 1).reshape(1, ori_size[0], ori_size[1], O, len(windows))
+
+
+def port_f2b(dis, obj_num):
+    if obj_num == 1:
+        return dis
+    out = []
+    for i in range(obj_num):
+        others = torch.cat([dis[j][None] for j in range(obj_num) if j != i], dim=1)
+        out.append(others.min(dim=1, keepdim=True)[0])
+    return torch.cat(out, 0)
+
+
+def port_means(emb, lab, eps):
+    pos = (emb * lab).sum(dim=(2, 3))
+    neg = emb.sum(dim=(2, 3)) - pos
+    return pos, neg, lab.sum(dim=(2, 3)), (1.0 - lab).sum(dim=(2, 3))
+
+
+def port_head(ref_e, ref_l, prev_e, prev_l, eps=1e-5):
+    rp, rn, rpn, rnn = port_means(ref_e, ref_l, eps)
+    pp, pn, ppn, pnn = port_means(prev_e, prev_l, eps)
+    return torch.cat([rp / (rpn + eps), rn / (rnn + eps), pp / (ppn + eps), pn / (pnn + eps)], 1)
+
+
+def port_head_eval(ref_es, ref_ls, prev_e, prev_l, eps=1e-5):
+    acc = [0.0, 0.0, 0.0, 0.0]
+    for e, l in zip(ref_es, ref_ls):
+        acc = [a + v for a, v in zip(acc, port_means(e, l, eps))]
+    pp, pn, ppn, pnn = port_means(prev_e, prev_l, eps)
+    return torch.cat([acc[0] / (acc[2] + eps), acc[1] / (acc[3] + eps),
+                      pp / (ppn + eps), pn / (pnn + eps)], 1)
+
+
+# -------------------------------------------------------------------- inputs
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _onehot(ids, O):
+    """CFBI's ``(label == obj_ids).float()`` as [H, W, O]; ids outside 0..O-1 (255) ->
+    an all-zero row."""
+    return (ids[..., None] == torch.arange(O)).float()
+
+
+def _ids(g, h, w, O, ignore=True):
+    ids = torch.randint(0, O, (h, w), generator=g)
+    if ignore:
+        ids[torch.rand(h, w, generator=g) < 0.15] = 255
+    return ids
+
+
+def _bias(g, O):
+    return torch.randn(O, 1, 1, 1, generator=g)
+
+
+# ----------------------------------------------------------- global matching
+@pytest.mark.parametrize("rate", [1, 2, 3])
+@pytest.mark.parametrize("pixel_num", [0, 2])
+@pytest.mark.parametrize("ori_size", [None, (9, 11)])
+@pytest.mark.parametrize("use_float16", [False, True])
+def test_global_matching(rate, pixel_num, ori_size, use_float16):
+    g = _gen(rate * 100 + pixel_num * 10 + (ori_size is None) + 2 * use_float16)
+    h, w, C, O = 6, 7, 4, 4
+    ref_e = torch.randn(h, w, C, generator=g)
+    qry = torch.randn(h, w, C, generator=g)
+    ids = _ids(g, h, w, O - 1)        # object O-1 is empty
+    ids[ids == 2] = 255
+    ids[0, 1] = 2                      # object 2 has a single (small) pixel
+    labels = _onehot(ids, O)
+    bias = _bias(g, O)
+    if use_float16:
+        want = port_global([ref_e.half().float()], qry.half().float(), [labels], bias, ori_size,
+                           rate, pixel_num)
+    else:
+        want = port_global([ref_e], qry, [labels], bias, ori_size, rate, pixel_num)
+    lab_in = labels.clone()
+    got = cfbi.global_matching(ref_e, qry, lab_in, n_chunks=3, dis_bias=bias, ori_size=ori_size,
+                               atrous_rate=rate, use_float16=use_float16,
+                               atrous_obj_pixel_num=pixel_num)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+    # CFBI quirk: the caller's labels are subsampled in place when atrous_rate > 1.
+    assert torch.equal(lab_in, port_atrous_labels(labels, rate, pixel_num))
+
+
+def test_global_matching_no_labelled_pixel_returns_ones():
+    g = _gen(5)
+    ref_e, qry = torch.randn(5, 6, 3, generator=g), torch.randn(5, 6, 3, generator=g)
+    labels = torch.zeros(5, 6, 3)
+    bias = _bias(g, 3)
+    got = cfbi.global_matching(ref_e, qry, labels, dis_bias=bias, ori_size=(8, 9))
+    assert got.shape == (1, 5, 6, 3, 1) and (got == 1).all()   # CFBI ignores ori_size here
+    got = cfbi.global_matching_for_eval([ref_e], qry, [labels], dis_bias=bias, atrous_rate=2)
+    assert got.shape == (1, 5, 6, 3, 1) and (got == 1).all()
+
+
+def test_global_matching_float_and_scalar_bias():
+    g = _gen(6)
+    ref_e, qry = torch.randn(5, 4, 3, generator=g), torch.randn(5, 4, 3, generator=g)
+    labels = _onehot(_ids(g, 5, 4, 3), 3)
+    want = port_global([ref_e], qry, [labels], torch.full((3,), 0.5))
+    got = cfbi.global_matching(ref_e, qry, labels.clone(), dis_bias=0.5, use_float16=False)
+    torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+    got = cfbi.global_matching(ref_e, qry, labels.clone(), dis_bias=torch.tensor([0.5]),
+                               use_float16=False)
+    torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("rate", [1, 2])
+@pytest.mark.parametrize("pixel_num", [0, 1])
+@pytest.mark.parametrize("n_ref", [1, 3])
+def test_global_matching_for_eval(rate, pixel_num, n_ref):
+    g = _gen(rate * 100 + pixel_num * 10 + n_ref)
+    h, w, C, O = 5, 7, 3, 4
+    refs = [torch.randn(h, w, C, generator=g) for _ in range(n_ref)]
+    qry = torch.randn(h, w, C, generator=g)
+    labels = []
+    for t in range(n_ref):
+        ids = _ids(g, h, w, O)
+        if t == 0:
+            ids[ids == 3] = 255
+            ids[1, 1] = 3                # a small object in the first frame
+        labels.append(_onehot(ids, O))
+    bias = _bias(g, O)
+    want = port_global(refs, qry, labels, bias, None, rate, pixel_num)
+    lab_in = [l.clone() for l in labels]
+    got = cfbi.global_matching_for_eval(refs, qry, lab_in, dis_bias=bias, atrous_rate=rate,
+                                        use_float16=False, atrous_obj_pixel_num=pixel_num)
+    assert got.shape == (1, h, w, O, 1)
+    torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+    for a, b in zip(lab_in, labels):  # in place only with atrous_obj_pixel_num > 0
+        expect = port_atrous_labels(b, rate, pixel_num) if pixel_num > 0 else b
+        assert torch.equal(a, expect)
+
+
+# ------------------------------------------------------------ local matching
+@pytest.mark.parametrize("windows", [[1], [1, 2, 3], [2, 4, 6, 8, 10, 12]])
+@pytest.mark.parametrize("rate", [1, 2])
+@pytest.mark.parametrize("allow_downsample", [False, True])
+@pytest.mark.parametrize("ori_size", [None, (10, 12)])
+def test_local_matching(windows, rate, allow_downsample, ori_size):
+    g = _gen(len(windows) * 1000 + rate * 100 + 10 * allow_downsample + (ori_size is None))
+    H, W, C, O = 7, 9, 4, 3
+    prev = torch.randn(H, W, C, generator=g)
+    qry = torch.randn(H, W, C, generator=g)
+    labels = _onehot(_ids(g, H, W, O), O)
+    bias = _bias(g, O)
+    want = port_local(prev, qry, labels, bias, windows, ori_size, rate, allow_downsample)
+    got = cfbi.local_matching(prev, qry, labels, dis_bias=bias, multi_local_distance=windows,
+                              ori_size=ori_size, atrous_rate=rate, use_float16=False,
+                              allow_downsample=allow_downsample)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+
+
+def test_local_matching_channel_order_and_fp16():
+    g = _gen(8)
+    H, W, C, O = 6, 6, 3, 2
+    prev, qry = torch.randn(H, W, C, generator=g), torch.randn(H, W, C, generator=g)
+    labels = _onehot(_ids(g, H, W, O), O)
+    bias = _bias(g, O)
+    got = cfbi.local_matching(prev, qry, labels, dis_bias=bias, multi_local_distance=[1, 2, 4],
+                              use_float16=True)   # CFBI defaults: fp16, downsample
+    want = port_local(prev.half().float(), qry.half().float(), labels, bias, [1, 2, 4])
+    torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+    one = [cfbi.local_matching(prev, qry, labels, dis_bias=bias, multi_local_distance=[k],
+                               use_float16=False, allow_downsample=False) for k in (1, 2, 4)]
+    full = cfbi.local_matching(prev, qry, labels, dis_bias=bias, multi_local_distance=[1, 2, 4],
+                               use_float16=False, allow_downsample=False)
+    for ch, k in enumerate([2, 0, 1]):          # [largest, smallest, second-largest]
+        torch.testing.assert_close(full[..., ch], one[k][..., 0])
+
+
+# ------------------------------------------------------------------ background
+@pytest.mark.parametrize("shape", [(1, 5, 6), (1, 5, 6, 3)])
+@pytest.mark.parametrize("O", [1, 2, 4])
+def test_foreground2background(shape, O):
+    g = _gen(O * 10 + len(shape))
+    dis = torch.rand((O,) + shape, generator=g)
+    got = cfbi.foreground2background(dis, O)
+    torch.testing.assert_close(got, port_f2b(dis, O), rtol=0, atol=0)
+    if O == 1:
+        assert got is dis
+
+
+# -------------------------------------------------------------- attention head
+@pytest.mark.parametrize("eps", [1e-5, 1e-3])
+@pytest.mark.parametrize("shared", [True, False])
+def test_calculate_attention_head(eps, shared):
+    g = _gen(int(shared) + int(eps * 1e5))
+    O, C, H, W = 3, 5, 6, 7
+    ref_ids, prev_ids = _ids(g, H, W, O), _ids(g, H, W, O)
+    ref_l = _onehot(ref_ids, O).permute(2, 0, 1)[:, None]     # [O, 1, H, W]
+    prev_l = _onehot(prev_ids, O).permute(2, 0, 1)[:, None]
+    if shared:   # CFBI: the frame embedding expanded over the objects
+        ref_e = torch.randn(C, H, W, generator=g)[None].expand(O, -1, -1, -1)
+        prev_e = torch.randn(C, H, W, generator=g)[None].expand(O, -1, -1, -1)
+    else:
+        ref_e = torch.randn(O, C, H, W, generator=g)
+        prev_e = torch.randn(O, C, H, W, generator=g)
+    got = cfbi.calculate_attention_head(ref_e, ref_l, prev_e, prev_l, epsilon=eps)
+    want = port_head(ref_e, ref_l, prev_e, prev_l, eps)
+    assert got.shape == (O, 4 * C)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_calculate_attention_head_for_eval():
+    g = _gen(12)
+    O, C, H, W = 4, 3, 5, 6
+    ref_es = [torch.randn(1, C, H, W, generator=g) for _ in range(2)]
+    ref_ls = [_onehot(_ids(g, H, W, O), O).permute(2, 0, 1)[:, None] for _ in range(2)]
+    prev_e = torch.randn(C, H, W, generator=g)[None].expand(O, -1, -1, -1)
+    prev_l = _onehot(_ids(g, H, W, O), O).permute(2, 0, 1)[:, None]
+    got = cfbi.calculate_attention_head_for_eval(ref_es, ref_ls, prev_e, prev_l)
+    torch.testing.assert_close(got, port_head_eval(ref_es, ref_ls, prev_e, prev_l),
+                               rtol=1e-5, atol=1e-5)
+
+
+# -------------------------------------------------------------------- gradients
+def _grads(out, inputs, g):
+    w = torch.randn(out.shape, generator=g)
+    return torch.autograd.grad((out * w).sum(), inputs)
+
+
+@pytest.mark.parametrize("rate", [1, 2])
+def test_global_matching_gradients(rate):
+    g = _gen(40 + rate)
+    h, w, C, O = 5, 6, 3, 3
+    ref_e = torch.randn(h, w, C, generator=g, requires_grad=True)
+    qry = torch.randn(h, w, C, generator=g, requires_grad=True)
+    labels = _onehot(_ids(g, h, w, O), O)
+    bias = _bias(g, O).requires_grad_()
+    got = cfbi.global_matching(ref_e, qry, labels.clone(), dis_bias=bias, atrous_rate=rate,
+                               use_float16=False)
+    want = port_global([ref_e], qry, [labels], bias, None, rate)
+    gw = _grads(got, (ref_e, qry, bias), _gen(1))
+    ww = _grads(want, (ref_e, qry, bias), _gen(1))
+    for a, b in zip(gw, ww):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rate", [1, 2])
+def test_local_matching_gradients(rate):
+    g = _gen(50 + rate)
+    H, W, C, O = 6, 5, 3, 3
+    prev = torch.randn(H, W, C, generator=g, requires_grad=True)
+    qry = torch.randn(H, W, C, generator=g, requires_grad=True)
+    labels = _onehot(_ids(g, H, W, O), O)
+    bias = _bias(g, O).requires_grad_()
+    kw = dict(dis_bias=bias, multi_local_distance=[1, 2, 4], atrous_rate=rate)
+    got = cfbi.local_matching(prev, qry, labels, use_float16=False, allow_downsample=False, **kw)
+    want = port_local(prev, qry, labels, bias, [1, 2, 4], None, rate, False)
+    gw = _grads(got, (prev, qry, bias), _gen(2))
+    ww = _grads(want, (prev, qry, bias), _gen(2))
+    for a, b in zip(gw, ww):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_attention_head_gradients():
+    g = _gen(60)
+    O, C, H, W = 3, 4, 5, 5
+    base = torch.randn(C, H, W, generator=g, requires_grad=True)
+    ref_l = _onehot(_ids(g, H, W, O), O).permute(2, 0, 1)[:, None]
+    prev_l = _onehot(_ids(g, H, W, O), O).permute(2, 0, 1)[:, None]
+    e = base[None].expand(O, -1, -1, -1)
+    got = cfbi.calculate_attention_head(e, ref_l, e, prev_l)
+    want = port_head(e, ref_l, e, prev_l)
+    torch.testing.assert_close(_grads(got, (base,), _gen(3))[0], _grads(want, (base,), _gen(3))[0],
+                               rtol=1e-4, atol=1e-4)

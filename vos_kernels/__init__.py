@@ -1,0 +1,24 @@
+"""vos_kernels: fused CPU / CUDA / Triton kernels for matching-based video object segmentation.
+
+Public ops (``torch.ops.vos_kernels.*`` underneath): :func:`labelled_nearest_sqdist`,
+:func:`fb_global_matching`, :func:`fb_multi_local_matching`, :func:`fb_instance_pooling`.
+Naive PyTorch oracles: :mod:`vos_kernels.reference`. CFBI drop-ins:
+:mod:`vos_kernels.compat.cfbi`. Backend choice: :func:`set_backend`,
+:func:`available_backends`.
+"""
+from . import _ops  # noqa: F401  (loads the operator library and registers kernels)
+from ._backend import BACKENDS, available_backends, get_backend, set_backend
+from .matching import fb_global_matching, fb_instance_pooling, fb_multi_local_matching, labelled_nearest_sqdist
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "available_backends",
+    "fb_global_matching",
+    "fb_instance_pooling",
+    "fb_multi_local_matching",
+    "get_backend",
+    "labelled_nearest_sqdist",
+    "set_backend",
+]

@@ -1,0 +1,253 @@
+"""Loads the operator library and registers what lives in Python: fake (meta) kernels for
+torch.compile, autograd formulas, and the CUDA kernels that are written in Triton.
+
+Schemas and CPU kernels are C++ (csrc/ops.cpp, csrc/cpu/). The backward formulas follow
+../shared/spec/matching.md ("Gradients"): the gradient of a minimum flows only to the
+saved argmin pair, through the derivative of the fg transform; bg routes its gradient to
+the label that achieved min over m != l.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+LIBRARY_ERROR: str | None = None
+
+
+def _load_library() -> str | None:
+    """Load the compiled ops: the setuptools extension, else VOS_KERNELS_LIBRARY (CMake)."""
+    global LIBRARY_ERROR
+    try:
+        from . import _C  # noqa: F401  (registers the ops on import)
+
+        return "extension"
+    except ImportError as exc:
+        LIBRARY_ERROR = str(exc)
+    path = os.environ.get("VOS_KERNELS_LIBRARY")
+    if path:
+        try:
+            torch.ops.load_library(path)
+            return path
+        except OSError as exc:
+            LIBRARY_ERROR = f"{LIBRARY_ERROR}; VOS_KERNELS_LIBRARY={path}: {exc}"
+    return None
+
+
+LIBRARY = _load_library()
+LOADED = LIBRARY is not None
+ops = torch.ops.vos_kernels if LOADED else None
+
+
+def _out_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------
+# Backward pieces, written with device-agnostic torch ops (CPU, CUDA, Triton interpreter).
+# ----------------------------------------------------------------------------------------
+
+
+def route_bg_grad(grad_fg, grad_bg, fg):
+    """Total gradient on fg[b, l, ...] given grads of fg and of bg = min_{m != l} fg[m].
+
+    The minimum over m != l is fg[best] for every l != best and fg[second] for l = best,
+    with best/second ordered as in the forward (NaN first, then value, lowest label).
+    """
+    L = fg.shape[1]
+    if grad_fg is None:
+        grad_fg = torch.zeros_like(fg)
+    if grad_bg is None or L == 1:
+        return grad_fg
+    key = torch.where(torch.isnan(fg), torch.full_like(fg, float("-inf")), fg)
+    order = torch.sort(key, dim=1, stable=True).indices
+    best, second = order[:, :1], order[:, 1:2]
+    labels = torch.arange(L, device=fg.device).view(1, L, *([1] * (fg.dim() - 2)))
+    is_best = labels == best
+    to_best = (grad_bg * (~is_best)).sum(dim=1, keepdim=True)
+    return grad_fg + is_best * to_best + (labels == second) * grad_bg.gather(1, best)
+
+
+def _fb_backward(ctx, grad_fg, grad_bg, M):
+    """Shared by global and multi-local matching: returns (grad_query, grad_reference, grad_bias)."""
+    fg, index = ctx.saved_tensors[2], ctx.saved_tensors[3]
+    g_fg = route_bg_grad(grad_fg, grad_bg, fg)
+    g_d = g_fg * (1.0 - fg * fg) * 0.5  # d/dx tanh(x/2); 0 for empty labels (fg == 1)
+    g_d = torch.where(index >= 0, g_d, torch.zeros_like(g_d))
+    B = fg.shape[0]
+    reduce_dims = [0] + list(range(2, fg.dim()))
+    grad_bias = g_d.sum(dim=reduce_dims)
+    return g_d.reshape(B, M, -1), index.reshape(B, M, -1), grad_bias
+
+
+def _sqdist_grads(g, index, query, reference):
+    B, C = query.shape[0], query.shape[-1]
+    q = query.reshape(B, -1, C)
+    r = reference.reshape(B, -1, C)
+    gq, gr = torch.ops.vos_kernels.nearest_sqdist_backward(g.to(_out_dtype(q)), q, r, index)
+    return gq.reshape(query.shape).to(query.dtype), gr.reshape(reference.shape).to(reference.dtype)
+
+
+def _global_setup(ctx, inputs, output):
+    # inputs: query, reference, labels, num_labels, bias, atrous_rate
+    query, reference, _lab, _L, bias, _rate = inputs
+    fg, _bg, index = output
+    ctx.bias_dtype = bias.dtype
+    ctx.save_for_backward(query, reference, fg, index)
+
+
+def _global_backward(ctx, grad_fg, grad_bg, _grad_index):
+    query, reference = ctx.saved_tensors[0], ctx.saved_tensors[1]
+    L = ctx.saved_tensors[2].shape[1]
+    g, index, grad_bias = _fb_backward(ctx, grad_fg, grad_bg, L)
+    gq = gr = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        gq, gr = _sqdist_grads(g, index, query, reference)
+    return gq, gr, None, None, grad_bias.to(ctx.bias_dtype), None
+
+
+def _local_setup(ctx, inputs, output):
+    # inputs: query, previous, labels, num_labels, windows, bias, atrous_rate
+    query, previous, _lab, _L, _windows, bias, _rate = inputs
+    fg, _bg, index = output
+    ctx.bias_dtype = bias.dtype
+    ctx.save_for_backward(query, previous, fg, index)
+
+
+def _local_backward(ctx, grad_fg, grad_bg, _grad_index):
+    query, previous, fg = ctx.saved_tensors[0], ctx.saved_tensors[1], ctx.saved_tensors[2]
+    M = fg.shape[1] * fg.shape[2]
+    g, index, grad_bias = _fb_backward(ctx, grad_fg, grad_bg, M)
+    gq = gp = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        gq, gp = _sqdist_grads(g, index, query, previous)
+    return gq, gp, None, None, None, grad_bias.to(ctx.bias_dtype), None
+
+
+def _sqdist_setup(ctx, inputs, output):
+    query, reference = inputs[0], inputs[1]
+    sqdist, index = output
+    ctx.save_for_backward(query, reference, index)
+
+
+def _sqdist_backward(ctx, grad_sqdist, _grad_index):
+    query, reference, index = ctx.saved_tensors
+    B, L = index.shape[0], index.shape[1]
+    if grad_sqdist is None:
+        return None, None, None, None, None
+    g = torch.where(index >= 0, grad_sqdist, torch.zeros_like(grad_sqdist))
+    gq, gr = _sqdist_grads(g.reshape(B, L, -1), index.reshape(B, L, -1), query, reference)
+    return gq, gr, None, None, None
+
+
+def _pooling_setup(ctx, inputs, output):
+    embedding, labels, num_labels = inputs
+    ctx.num_labels = num_labels
+    ctx.emb_dtype = embedding.dtype
+    ctx.save_for_backward(labels)
+
+
+def _pooling_backward(ctx, grad_out):
+    (labels,) = ctx.saved_tensors
+    L = ctx.num_labels
+    B, H, W = labels.shape
+    C = grad_out.shape[-1]
+    lab = labels.reshape(B, -1).long()
+    valid = lab >= 0
+    lc = lab.clamp(min=0)
+    g = grad_out.to(_out_dtype(grad_out))
+    counts = torch.zeros(B, L, dtype=g.dtype, device=g.device).scatter_add_(1, lc, valid.to(g.dtype))
+    n_valid = valid.to(g.dtype).sum(dim=1, keepdim=True)
+    fg_part = g[:, :, 0] / (counts + 1e-5).unsqueeze(-1)  # [B, L, C]
+    bg_part = g[:, :, 1] / (n_valid - counts + 1e-5).unsqueeze(-1)
+    per_label = (fg_part - bg_part).gather(1, lc.unsqueeze(-1).expand(-1, -1, C))
+    grad = (per_label + bg_part.sum(dim=1, keepdim=True)) * valid.unsqueeze(-1)
+    return grad.reshape(B, H, W, C).to(ctx.emb_dtype), None, None
+
+
+# ----------------------------------------------------------------------------------------
+# Registration
+# ----------------------------------------------------------------------------------------
+
+
+def _register() -> None:
+    lib = "vos_kernels::"
+
+    @torch.library.register_fake(lib + "labelled_nearest_sqdist")
+    def _(query, reference, reference_labels, num_labels, atrous_rate=1):
+        B, H, W, _C = query.shape
+        return (query.new_empty((B, num_labels, H, W), dtype=_out_dtype(query)),
+                query.new_empty((B, num_labels, H, W), dtype=torch.int64))
+
+    @torch.library.register_fake(lib + "fb_global_matching")
+    def _(query, reference, reference_labels, num_labels, bias, atrous_rate=1):
+        B, H, W, _C = query.shape
+        shape = (B, num_labels, H, W)
+        dt = _out_dtype(query)
+        return query.new_empty(shape, dtype=dt), query.new_empty(shape, dtype=dt), query.new_empty(shape, dtype=torch.int64)
+
+    @torch.library.register_fake(lib + "fb_multi_local_matching")
+    def _(query, previous, previous_labels, num_labels, windows, bias, atrous_rate=1):
+        B, H, W, _C = query.shape
+        shape = (B, num_labels, len(windows), H, W)
+        dt = _out_dtype(query)
+        return query.new_empty(shape, dtype=dt), query.new_empty(shape, dtype=dt), query.new_empty(shape, dtype=torch.int64)
+
+    @torch.library.register_fake(lib + "fb_instance_pooling")
+    def _(embedding, labels, num_labels):
+        B, _H, _W, C = embedding.shape
+        return embedding.new_empty((B, num_labels, 2, C), dtype=_out_dtype(embedding))
+
+    @torch.library.register_fake(lib + "nearest_sqdist_backward")
+    def _(grad, query, reference, index):
+        dt = _out_dtype(query)
+        return query.new_empty(query.shape, dtype=dt), reference.new_empty(reference.shape, dtype=dt)
+
+    torch.library.register_autograd(lib + "labelled_nearest_sqdist", _sqdist_backward, setup_context=_sqdist_setup)
+    torch.library.register_autograd(lib + "fb_global_matching", _global_backward, setup_context=_global_setup)
+    torch.library.register_autograd(lib + "fb_multi_local_matching", _local_backward, setup_context=_local_setup)
+    torch.library.register_autograd(lib + "fb_instance_pooling", _pooling_backward, setup_context=_pooling_setup)
+
+    # CUDA tensors: Triton kernels (imported lazily so that importing vos_kernels never
+    # needs triton, and TRITON_INTERPRET is read when the kernels are first used).
+    for name in ("labelled_nearest_sqdist", "fb_global_matching", "fb_multi_local_matching",
+                 "fb_instance_pooling", "nearest_sqdist_backward"):
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(lib + name, "CUDA"):
+            torch.library.register_kernel(lib + name, "cuda", _triton_entry(name))
+
+
+def _triton_entry(name):
+    def run(*args):
+        from .triton import matching as triton_matching
+
+        return getattr(triton_matching, name)(*args)
+
+    run.__name__ = f"triton_{name}"
+    return run
+
+
+class _InterpretedTriton:
+    """Autograd wrappers that run the Triton kernels on CPU tensors under TRITON_INTERPRET=1,
+    with the same backward formulas as the registered ops."""
+
+    _cache: dict = {}
+
+    @classmethod
+    def function(cls, name):
+        if name not in cls._cache:
+            setups = {"labelled_nearest_sqdist": (_sqdist_setup, _sqdist_backward),
+                      "fb_global_matching": (_global_setup, _global_backward),
+                      "fb_multi_local_matching": (_local_setup, _local_backward),
+                      "fb_instance_pooling": (_pooling_setup, _pooling_backward)}
+            setup, backward = setups[name]
+            entry = _triton_entry(name)
+            cls._cache[name] = type(
+                f"TritonInterpreted_{name}", (torch.autograd.Function,),
+                {"forward": staticmethod(lambda *args: entry(*args)),
+                 "setup_context": staticmethod(setup),
+                 "backward": staticmethod(backward)})
+        return cls._cache[name]
+
+
+if LOADED:
+    _register()
