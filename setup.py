@@ -30,7 +30,9 @@ def _sources(pattern):
 def _extension():
     debug = os.environ.get("VOS_KERNELS_DEBUG", "0") == "1"
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-std=c++20", "-DVOS_KERNELS_PYTHON_MODULE", "-ffp-contract=off"]
+    # -fopenmp: at::parallel_for is an OpenMP loop in torch's headers, serial without it.
+    cxx += ["-std=c++20", "-DVOS_KERNELS_PYTHON_MODULE", "-ffp-contract=off", "-fopenmp"]
+    link = ["-fopenmp"]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     cuda_sources = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
     force_cuda = os.environ.get("FORCE_CUDA", "0") == "1"
@@ -42,9 +44,10 @@ def _extension():
             "vos_kernels._C",
             sources + cuda_sources,
             define_macros=[("VOS_KERNELS_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
+            extra_link_args=link,
         )
-    return CppExtension("vos_kernels._C", sources, extra_compile_args={"cxx": cxx})
+    return CppExtension("vos_kernels._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
 
 setup(

@@ -1,8 +1,15 @@
 """Float64 brute-force oracles for the matching ops, written from the formulas in
-../shared/spec/api.md (dense [Nq, Nr] distance matrices: tiny inputs only).
+../shared/spec/api.md (dense [Nq, Nr] distance matrices: tiny inputs only). Shared by
+every test file that checks a backend (test_matching, test_reference, test_triton_matching).
+
+Matching is a minimum of the full distance matrix over a candidate mask
+(``global_candidates`` / ``local_candidates``), taken by ``masked_min`` (torch.min: the
+first minimum on ties) in ``nearest`` / ``local_nearest``, or by ``seq_min``, the exact
+NaN-aware sequential update rule of docs/internals.md, for tests that check NaN indices.
 
 They are differentiable through torch autograd (the gradient of a min flows to its
-argmin), which makes them the gradient oracle too.
+argmin), which makes them the gradient oracle too; ``sqdist_backward`` is the oracle of
+the backward op given the argmin indices.
 """
 import torch
 
@@ -15,56 +22,96 @@ def sqdist_matrix(a, b):
 
 
 def masked_min(D, mask):
-    """Min over columns where mask; returns (value, index) with inf / -1 where none."""
+    """Min over the last axis where mask (D and mask broadcast); returns (value, index)
+    with inf / -1 where there is no candidate."""
     Dm = torch.where(mask, D, torch.full_like(D, INF))
-    v, i = Dm.min(dim=1)
-    empty = ~mask.any(dim=1)
+    v, i = Dm.min(dim=-1)
+    empty = ~mask.any(dim=-1)
     return v, torch.where(empty, torch.full_like(i, -1), i)
 
 
-def nearest(query, reference, labels, L, rate=1):
-    """Global matching sqdist/index. reference [B,T,Hr,Wr,C], labels [B,T,Hr,Wr]."""
+def seq_min(D, mask):
+    """The exact sequential update rule of docs/internals.md over the last axis (D and mask
+    broadcast), NaN-aware; returns (value float64, index int64).
+
+    Scanning candidates in increasing index with ``best = +inf, idx = -1``::
+
+        d = d < 0 ? 0 : d
+        if (d < best || (d != d && best == best)) { best = d; idx = q; }
+
+    i.e. the lowest index of the minimum (ties at 0 included); inf / -1 without a
+    candidate; and once a candidate is NaN the result is NaN with the first NaN's index.
+    Unlike ``masked_min`` it does not lean on torch.min's tie or NaN conventions.
+    """
+    D, mask = torch.broadcast_tensors(D, mask)
+    N = D.shape[-1]
+    ar = torch.arange(N).expand_as(D)
+    past = torch.full_like(ar, N + 1)
+    D = torch.where(D < 0, torch.zeros_like(D), D)
+    isn = torch.isnan(D) & mask
+    has_nan = isn.any(-1)
+    first_nan = torch.where(isn, ar, past).min(-1).values
+    Dn = torch.where(mask & ~torch.isnan(D), D, torch.full_like(D, INF))
+    val = Dn.min(-1).values
+    arg = torch.where(Dn == val.unsqueeze(-1), ar, past).min(-1).values
+    idx = torch.where(val < INF, arg, torch.full_like(arg, -1))
+    val = torch.where(has_nan, torch.full_like(val, float("nan")), val)
+    return val, torch.where(has_nan, first_nan, idx)
+
+
+def _batch_sqdist(a, b):
+    """[B, N, C] x [B, M, C] -> [B, N, M], one sqdist_matrix per batch item."""
+    return torch.stack([sqdist_matrix(a[i], b[i]) for i in range(a.shape[0])])
+
+
+def global_candidates(query, reference, labels, L, rate=1):
+    """Global matching as a masked minimum: (D [B,1,P,N] float64, cand [B,L,1,N] bool).
+
+    query [B,H,W,C], reference [B,T,Hr,Wr,C], labels [B,T,Hr,Wr]; P = H*W query pixels,
+    N = T*Hr*Wr reference pixels (flat index); cand[b, l, 0, n]: reference pixel n has
+    label l and lies on the atrous grid (row and column multiples of rate).
+    """
     B, H, W, C = query.shape
     _, T, Hr, Wr, _ = reference.shape
     n = torch.arange(T * Hr * Wr)
     on_grid = ((n // Wr) % Hr % rate == 0) & (n % Wr % rate == 0)
-    vals, idxs = [], []
-    for b in range(B):
-        D = sqdist_matrix(query[b].reshape(-1, C), reference[b].reshape(-1, C))
-        lab = labels[b].reshape(-1).long()
-        vb, ib = [], []
-        for l in range(L):
-            mask = (on_grid & (lab == l))[None, :].expand_as(D)
-            v, i = masked_min(D, mask)
-            vb.append(v.reshape(H, W))
-            ib.append(i.reshape(H, W))
-        vals.append(torch.stack(vb))
-        idxs.append(torch.stack(ib))
-    return torch.stack(vals), torch.stack(idxs)
+    D = _batch_sqdist(query.reshape(B, -1, C), reference.reshape(B, -1, C))
+    lab = labels.reshape(B, 1, -1).long()
+    cand = torch.stack([(lab == l) & on_grid for l in range(L)], 1)  # [B, L, 1, N]
+    return D[:, None], cand
+
+
+def local_candidates(query, previous, labels, L, windows, rate=1):
+    """Multi-local matching as a masked minimum: (D [B,1,1,P,N], cand [B,L,K,P,N]).
+
+    query, previous [B,H,W,C], labels [B,H,W]; P = N = H*W; cand[b, l, k, p, n]: previous
+    pixel n has label l and its offset (dy, dx) from query pixel p has |dy|, |dx| <=
+    windows[k], both multiples of rate.
+    """
+    B, H, W, C = query.shape
+    ys, xs = torch.arange(H * W) // W, torch.arange(H * W) % W
+    dy, dx = ys[None, :] - ys[:, None], xs[None, :] - xs[:, None]
+    on_grid = (dy % rate == 0) & (dx % rate == 0)
+    D = _batch_sqdist(query.reshape(B, -1, C), previous.reshape(B, -1, C))
+    lab = labels.reshape(B, 1, -1).long()
+    cand = torch.stack([
+        torch.stack([(lab == l) & on_grid & (dy.abs() <= w) & (dx.abs() <= w) for w in windows], 1)
+        for l in range(L)], 1)
+    return D[:, None, None], cand
+
+
+def nearest(query, reference, labels, L, rate=1):
+    """Global matching sqdist/index [B,L,H,W]. reference [B,T,Hr,Wr,C], labels [B,T,Hr,Wr]."""
+    B, H, W, _ = query.shape
+    v, i = masked_min(*global_candidates(query, reference, labels, L, rate))
+    return v.reshape(B, L, H, W), i.reshape(B, L, H, W)
 
 
 def local_nearest(query, previous, labels, L, windows, rate=1):
     """Multi-local matching sqdist/index [B,L,K,H,W]."""
-    B, H, W, C = query.shape
-    ys, xs = torch.arange(H * W) // W, torch.arange(H * W) % W
-    dy, dx = ys[None, :] - ys[:, None], xs[None, :] - xs[:, None]
-    vals, idxs = [], []
-    for b in range(B):
-        D = sqdist_matrix(query[b].reshape(-1, C), previous[b].reshape(-1, C))
-        lab = labels[b].reshape(-1).long()
-        vb, ib = [], []
-        for l in range(L):
-            vk, ik = [], []
-            for w in windows:
-                mask = (dy.abs() <= w) & (dx.abs() <= w) & (dy % rate == 0) & (dx % rate == 0) & (lab == l)[None, :]
-                v, i = masked_min(D, mask)
-                vk.append(v.reshape(H, W))
-                ik.append(i.reshape(H, W))
-            vb.append(torch.stack(vk))
-            ib.append(torch.stack(ik))
-        vals.append(torch.stack(vb))
-        idxs.append(torch.stack(ib))
-    return torch.stack(vals), torch.stack(idxs)
+    B, H, W, _ = query.shape
+    v, i = masked_min(*local_candidates(query, previous, labels, L, windows, rate))
+    return v.reshape(B, L, len(windows), H, W), i.reshape(B, L, len(windows), H, W)
 
 
 def fb(sqdist, index, bias):
@@ -80,15 +127,34 @@ def fb(sqdist, index, bias):
 
 
 def pooling(embedding, labels, L):
+    """[B,L,2,C]: mean of the pixels of label l, and of the labelled pixels not of l
+    (denominators count + 1e-5). Pixels are selected, not multiplied by a 0/1 mask, so a
+    NaN reaches only the means its pixel belongs to."""
     B, H, W, C = embedding.shape
     e = embedding.double().reshape(B, -1, C)
     lab = labels.reshape(B, -1).long()
-    out = []
-    for b in range(B):
-        rows = []
-        for l in range(L):
-            m = (lab[b] == l).double()[:, None]
-            o = ((lab[b] >= 0) & (lab[b] != l)).double()[:, None]
-            rows.append(torch.stack([(e[b] * m).sum(0) / (m.sum() + 1e-5), (e[b] * o).sum(0) / (o.sum() + 1e-5)]))
-        out.append(torch.stack(rows))
-    return torch.stack(out)
+    zero = torch.zeros((), dtype=e.dtype)
+
+    def mean(x, sel):
+        return torch.where(sel[:, None], x, zero).sum(0) / (sel.double().sum() + 1e-5)
+
+    def pair(b, l):  # (pixels of label l, labelled pixels not of l)
+        return torch.stack([mean(e[b], lab[b] == l), mean(e[b], (lab[b] >= 0) & (lab[b] != l))])
+
+    return torch.stack([torch.stack([pair(b, l) for l in range(L)]) for b in range(B)])
+
+
+def sqdist_backward(grad, query, reference, index):
+    """Gradients (query, reference) of ``sum over index >= 0 of grad * ||query_p -
+    reference_index||^2`` by float64 autograd: grad, index [B,M,P]; query [B,P,C];
+    reference [B,N,C]. The oracle of the backward of the matching ops."""
+    q = query.detach().cpu().double().requires_grad_(True)
+    r = reference.detach().cpu().double().requires_grad_(True)
+    g = grad.detach().cpu().double()
+    idx = index.detach().cpu().long()
+    B, M, P = idx.shape
+    rq = torch.gather(r, 1, idx.clamp(min=0).reshape(B, M * P, 1)
+                      .expand(B, M * P, r.shape[-1])).reshape(B, M, P, -1)
+    d = ((q[:, None] - rq) ** 2).sum(-1)
+    torch.where(idx >= 0, g * d, torch.zeros_like(d)).sum().backward()
+    return q.grad, r.grad

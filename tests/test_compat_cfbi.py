@@ -135,10 +135,6 @@ def port_head_eval(ref_es, ref_ls, prev_e, prev_l, eps=1e-5):
 
 
 # -------------------------------------------------------------------- inputs
-def _gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
 def _onehot(ids, O):
     """CFBI's ``(label == obj_ids).float()`` as [H, W, O]; ids outside 0..O-1 (255) ->
     an all-zero row."""
@@ -156,21 +152,29 @@ def _bias(g, O):
     return torch.randn(O, 1, 1, 1, generator=g)
 
 
+def _frames(g, H, W, C, O, requires_grad=False):
+    """Two frame embeddings [H, W, C], one-hot labels [H, W, O] (with 255 pixels) and a
+    bias [O, 1, 1, 1]; the embeddings and the bias are leaves when requires_grad."""
+    a = torch.randn(H, W, C, generator=g, requires_grad=requires_grad)
+    b = torch.randn(H, W, C, generator=g, requires_grad=requires_grad)
+    labels = _onehot(_ids(g, H, W, O), O)
+    return a, b, labels, _bias(g, O).requires_grad_(requires_grad)
+
+
 # ----------------------------------------------------------- global matching
 @pytest.mark.parametrize("rate", [1, 2, 3])
 @pytest.mark.parametrize("pixel_num", [0, 2])
 @pytest.mark.parametrize("ori_size", [None, (9, 11)])
 @pytest.mark.parametrize("use_float16", [False, True])
-def test_global_matching(rate, pixel_num, ori_size, use_float16):
-    g = _gen(rate * 100 + pixel_num * 10 + (ori_size is None) + 2 * use_float16)
+def test_global_matching(gen, rate, pixel_num, ori_size, use_float16):
     h, w, C, O = 6, 7, 4, 4
-    ref_e = torch.randn(h, w, C, generator=g)
-    qry = torch.randn(h, w, C, generator=g)
-    ids = _ids(g, h, w, O - 1)        # object O-1 is empty
+    ref_e = torch.randn(h, w, C, generator=gen)
+    qry = torch.randn(h, w, C, generator=gen)
+    ids = _ids(gen, h, w, O - 1)      # object O-1 is empty
     ids[ids == 2] = 255
     ids[0, 1] = 2                      # object 2 has a single (small) pixel
     labels = _onehot(ids, O)
-    bias = _bias(g, O)
+    bias = _bias(gen, O)
     if use_float16:
         want = port_global([ref_e.half().float()], qry.half().float(), [labels], bias, ori_size,
                            rate, pixel_num)
@@ -186,21 +190,19 @@ def test_global_matching(rate, pixel_num, ori_size, use_float16):
     assert torch.equal(lab_in, port_atrous_labels(labels, rate, pixel_num))
 
 
-def test_global_matching_no_labelled_pixel_returns_ones():
-    g = _gen(5)
-    ref_e, qry = torch.randn(5, 6, 3, generator=g), torch.randn(5, 6, 3, generator=g)
+def test_global_matching_no_labelled_pixel_returns_ones(gen):
+    ref_e, qry = torch.randn(5, 6, 3, generator=gen), torch.randn(5, 6, 3, generator=gen)
     labels = torch.zeros(5, 6, 3)
-    bias = _bias(g, 3)
+    bias = _bias(gen, 3)
     got = cfbi.global_matching(ref_e, qry, labels, dis_bias=bias, ori_size=(8, 9))
     assert got.shape == (1, 5, 6, 3, 1) and (got == 1).all()   # CFBI ignores ori_size here
     got = cfbi.global_matching_for_eval([ref_e], qry, [labels], dis_bias=bias, atrous_rate=2)
     assert got.shape == (1, 5, 6, 3, 1) and (got == 1).all()
 
 
-def test_global_matching_float_and_scalar_bias():
-    g = _gen(6)
-    ref_e, qry = torch.randn(5, 4, 3, generator=g), torch.randn(5, 4, 3, generator=g)
-    labels = _onehot(_ids(g, 5, 4, 3), 3)
+def test_global_matching_float_and_scalar_bias(gen):
+    ref_e, qry = torch.randn(5, 4, 3, generator=gen), torch.randn(5, 4, 3, generator=gen)
+    labels = _onehot(_ids(gen, 5, 4, 3), 3)
     want = port_global([ref_e], qry, [labels], torch.full((3,), 0.5))
     got = cfbi.global_matching(ref_e, qry, labels.clone(), dis_bias=0.5, use_float16=False)
     torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
@@ -212,19 +214,18 @@ def test_global_matching_float_and_scalar_bias():
 @pytest.mark.parametrize("rate", [1, 2])
 @pytest.mark.parametrize("pixel_num", [0, 1])
 @pytest.mark.parametrize("n_ref", [1, 3])
-def test_global_matching_for_eval(rate, pixel_num, n_ref):
-    g = _gen(rate * 100 + pixel_num * 10 + n_ref)
+def test_global_matching_for_eval(gen, rate, pixel_num, n_ref):
     h, w, C, O = 5, 7, 3, 4
-    refs = [torch.randn(h, w, C, generator=g) for _ in range(n_ref)]
-    qry = torch.randn(h, w, C, generator=g)
+    refs = [torch.randn(h, w, C, generator=gen) for _ in range(n_ref)]
+    qry = torch.randn(h, w, C, generator=gen)
     labels = []
     for t in range(n_ref):
-        ids = _ids(g, h, w, O)
+        ids = _ids(gen, h, w, O)
         if t == 0:
             ids[ids == 3] = 255
             ids[1, 1] = 3                # a small object in the first frame
         labels.append(_onehot(ids, O))
-    bias = _bias(g, O)
+    bias = _bias(gen, O)
     want = port_global(refs, qry, labels, bias, None, rate, pixel_num)
     lab_in = [l.clone() for l in labels]
     got = cfbi.global_matching_for_eval(refs, qry, lab_in, dis_bias=bias, atrous_rate=rate,
@@ -241,13 +242,9 @@ def test_global_matching_for_eval(rate, pixel_num, n_ref):
 @pytest.mark.parametrize("rate", [1, 2])
 @pytest.mark.parametrize("allow_downsample", [False, True])
 @pytest.mark.parametrize("ori_size", [None, (10, 12)])
-def test_local_matching(windows, rate, allow_downsample, ori_size):
-    g = _gen(len(windows) * 1000 + rate * 100 + 10 * allow_downsample + (ori_size is None))
+def test_local_matching(gen, windows, rate, allow_downsample, ori_size):
     H, W, C, O = 7, 9, 4, 3
-    prev = torch.randn(H, W, C, generator=g)
-    qry = torch.randn(H, W, C, generator=g)
-    labels = _onehot(_ids(g, H, W, O), O)
-    bias = _bias(g, O)
+    prev, qry, labels, bias = _frames(gen, H, W, C, O)
     want = port_local(prev, qry, labels, bias, windows, ori_size, rate, allow_downsample)
     got = cfbi.local_matching(prev, qry, labels, dis_bias=bias, multi_local_distance=windows,
                               ori_size=ori_size, atrous_rate=rate, use_float16=False,
@@ -256,12 +253,9 @@ def test_local_matching(windows, rate, allow_downsample, ori_size):
     torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
 
 
-def test_local_matching_channel_order_and_fp16():
-    g = _gen(8)
+def test_local_matching_channel_order_and_fp16(gen):
     H, W, C, O = 6, 6, 3, 2
-    prev, qry = torch.randn(H, W, C, generator=g), torch.randn(H, W, C, generator=g)
-    labels = _onehot(_ids(g, H, W, O), O)
-    bias = _bias(g, O)
+    prev, qry, labels, bias = _frames(gen, H, W, C, O)
     got = cfbi.local_matching(prev, qry, labels, dis_bias=bias, multi_local_distance=[1, 2, 4],
                               use_float16=True)   # CFBI defaults: fp16, downsample
     want = port_local(prev.half().float(), qry.half().float(), labels, bias, [1, 2, 4])
@@ -277,9 +271,8 @@ def test_local_matching_channel_order_and_fp16():
 # ------------------------------------------------------------------ background
 @pytest.mark.parametrize("shape", [(1, 5, 6), (1, 5, 6, 3)])
 @pytest.mark.parametrize("O", [1, 2, 4])
-def test_foreground2background(shape, O):
-    g = _gen(O * 10 + len(shape))
-    dis = torch.rand((O,) + shape, generator=g)
+def test_foreground2background(gen, shape, O):
+    dis = torch.rand((O,) + shape, generator=gen)
     got = cfbi.foreground2background(dis, O)
     torch.testing.assert_close(got, port_f2b(dis, O), rtol=0, atol=0)
     if O == 1:
@@ -289,84 +282,69 @@ def test_foreground2background(shape, O):
 # -------------------------------------------------------------- attention head
 @pytest.mark.parametrize("eps", [1e-5, 1e-3])
 @pytest.mark.parametrize("shared", [True, False])
-def test_calculate_attention_head(eps, shared):
-    g = _gen(int(shared) + int(eps * 1e5))
+def test_calculate_attention_head(gen, eps, shared):
     O, C, H, W = 3, 5, 6, 7
-    ref_ids, prev_ids = _ids(g, H, W, O), _ids(g, H, W, O)
+    ref_ids, prev_ids = _ids(gen, H, W, O), _ids(gen, H, W, O)
     ref_l = _onehot(ref_ids, O).permute(2, 0, 1)[:, None]     # [O, 1, H, W]
     prev_l = _onehot(prev_ids, O).permute(2, 0, 1)[:, None]
     if shared:   # CFBI: the frame embedding expanded over the objects
-        ref_e = torch.randn(C, H, W, generator=g)[None].expand(O, -1, -1, -1)
-        prev_e = torch.randn(C, H, W, generator=g)[None].expand(O, -1, -1, -1)
+        ref_e = torch.randn(C, H, W, generator=gen)[None].expand(O, -1, -1, -1)
+        prev_e = torch.randn(C, H, W, generator=gen)[None].expand(O, -1, -1, -1)
     else:
-        ref_e = torch.randn(O, C, H, W, generator=g)
-        prev_e = torch.randn(O, C, H, W, generator=g)
+        ref_e = torch.randn(O, C, H, W, generator=gen)
+        prev_e = torch.randn(O, C, H, W, generator=gen)
     got = cfbi.calculate_attention_head(ref_e, ref_l, prev_e, prev_l, epsilon=eps)
     want = port_head(ref_e, ref_l, prev_e, prev_l, eps)
     assert got.shape == (O, 4 * C)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_calculate_attention_head_for_eval():
-    g = _gen(12)
+def test_calculate_attention_head_for_eval(gen):
     O, C, H, W = 4, 3, 5, 6
-    ref_es = [torch.randn(1, C, H, W, generator=g) for _ in range(2)]
-    ref_ls = [_onehot(_ids(g, H, W, O), O).permute(2, 0, 1)[:, None] for _ in range(2)]
-    prev_e = torch.randn(C, H, W, generator=g)[None].expand(O, -1, -1, -1)
-    prev_l = _onehot(_ids(g, H, W, O), O).permute(2, 0, 1)[:, None]
+    ref_es = [torch.randn(1, C, H, W, generator=gen) for _ in range(2)]
+    ref_ls = [_onehot(_ids(gen, H, W, O), O).permute(2, 0, 1)[:, None] for _ in range(2)]
+    prev_e = torch.randn(C, H, W, generator=gen)[None].expand(O, -1, -1, -1)
+    prev_l = _onehot(_ids(gen, H, W, O), O).permute(2, 0, 1)[:, None]
     got = cfbi.calculate_attention_head_for_eval(ref_es, ref_ls, prev_e, prev_l)
     torch.testing.assert_close(got, port_head_eval(ref_es, ref_ls, prev_e, prev_l),
                                rtol=1e-5, atol=1e-5)
 
 
 # -------------------------------------------------------------------- gradients
-def _grads(out, inputs, g):
-    w = torch.randn(out.shape, generator=g)
-    return torch.autograd.grad((out * w).sum(), inputs)
+def assert_same_grads(got, want, inputs, gen):
+    """got and want have the same gradients w.r.t. inputs under one random output weight."""
+    w = torch.randn(got.shape, generator=gen)
+    for a, b in zip(torch.autograd.grad((got * w).sum(), inputs),
+                    torch.autograd.grad((want * w).sum(), inputs)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("rate", [1, 2])
-def test_global_matching_gradients(rate):
-    g = _gen(40 + rate)
+def test_global_matching_gradients(gen, rate):
     h, w, C, O = 5, 6, 3, 3
-    ref_e = torch.randn(h, w, C, generator=g, requires_grad=True)
-    qry = torch.randn(h, w, C, generator=g, requires_grad=True)
-    labels = _onehot(_ids(g, h, w, O), O)
-    bias = _bias(g, O).requires_grad_()
+    ref_e, qry, labels, bias = _frames(gen, h, w, C, O, requires_grad=True)
     got = cfbi.global_matching(ref_e, qry, labels.clone(), dis_bias=bias, atrous_rate=rate,
                                use_float16=False)
     want = port_global([ref_e], qry, [labels], bias, None, rate)
-    gw = _grads(got, (ref_e, qry, bias), _gen(1))
-    ww = _grads(want, (ref_e, qry, bias), _gen(1))
-    for a, b in zip(gw, ww):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert_same_grads(got, want, (ref_e, qry, bias), gen)
 
 
 @pytest.mark.parametrize("rate", [1, 2])
-def test_local_matching_gradients(rate):
-    g = _gen(50 + rate)
+def test_local_matching_gradients(gen, rate):
     H, W, C, O = 6, 5, 3, 3
-    prev = torch.randn(H, W, C, generator=g, requires_grad=True)
-    qry = torch.randn(H, W, C, generator=g, requires_grad=True)
-    labels = _onehot(_ids(g, H, W, O), O)
-    bias = _bias(g, O).requires_grad_()
+    prev, qry, labels, bias = _frames(gen, H, W, C, O, requires_grad=True)
     kw = dict(dis_bias=bias, multi_local_distance=[1, 2, 4], atrous_rate=rate)
     got = cfbi.local_matching(prev, qry, labels, use_float16=False, allow_downsample=False, **kw)
     want = port_local(prev, qry, labels, bias, [1, 2, 4], None, rate, False)
-    gw = _grads(got, (prev, qry, bias), _gen(2))
-    ww = _grads(want, (prev, qry, bias), _gen(2))
-    for a, b in zip(gw, ww):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert_same_grads(got, want, (prev, qry, bias), gen)
 
 
-def test_attention_head_gradients():
-    g = _gen(60)
+def test_attention_head_gradients(gen):
     O, C, H, W = 3, 4, 5, 5
-    base = torch.randn(C, H, W, generator=g, requires_grad=True)
-    ref_l = _onehot(_ids(g, H, W, O), O).permute(2, 0, 1)[:, None]
-    prev_l = _onehot(_ids(g, H, W, O), O).permute(2, 0, 1)[:, None]
+    base = torch.randn(C, H, W, generator=gen, requires_grad=True)
+    ref_l = _onehot(_ids(gen, H, W, O), O).permute(2, 0, 1)[:, None]
+    prev_l = _onehot(_ids(gen, H, W, O), O).permute(2, 0, 1)[:, None]
     e = base[None].expand(O, -1, -1, -1)
     got = cfbi.calculate_attention_head(e, ref_l, e, prev_l)
     want = port_head(e, ref_l, e, prev_l)
-    torch.testing.assert_close(_grads(got, (base,), _gen(3))[0], _grads(want, (base,), _gen(3))[0],
-                               rtol=1e-4, atol=1e-4)
+    assert_same_grads(got, want, (base,), gen)

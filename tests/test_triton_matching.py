@@ -1,39 +1,23 @@
 """Tests of the Triton matching kernels (vos_kernels/triton/matching.py).
 
-Every entry point is compared, on fresh seeded random inputs, with a float64 brute-force
-oracle written here (full query x reference distance matrix, masks, the sequential
-update rule of docs/internals.md). Without CUDA the kernels run under the Triton
-interpreter (TRITON_INTERPRET=1, CPU tensors), so shapes are small.
-
-The module is loaded by file path so these tests do not depend on the package
-``vos_kernels`` importing.
+Every entry point is compared, on fresh random inputs (the ``gen`` fixture of
+conftest.py), with the float64 brute-force oracle of tests/oracle.py: full query x
+reference distance matrix, candidate masks, and the exact sequential update rule of
+docs/internals.md (``oracle.seq_min``, NaN-aware). Without CUDA the kernels run under the
+Triton interpreter (TRITON_INTERPRET=1 on CPU tensors, set by conftest.py before triton
+is imported), so shapes are small.
 """
 
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"   # must precede the first import of triton
-
-import importlib.util
-import pathlib
-
-import pytest
-
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "vos_kernels" / "triton" / "matching.py"
-_spec = importlib.util.spec_from_file_location("vos_kernels_triton_matching", str(_PATH))
-tm = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tm)
+import oracle
+from vos_kernels.triton import matching as tm
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 RTOL = 1e-4
 ATOL = 1e-4
 MARGIN = 1e-3     # oracle minimum "unique by a margin": no other candidate within this
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
 
 
 def randn(g, *shape, dtype=torch.float32):
@@ -51,86 +35,25 @@ def noncontig_image(t):
     return v
 
 
+def host(*ts):
+    return [t.detach().cpu() for t in ts]
+
+
 # ----------------------------------------------------------------------------------------
-# float64 oracle
+# float64 oracle (tests/oracle.py), flattened to P query pixels
 # ----------------------------------------------------------------------------------------
-
-
-def seq_min(D, mask):
-    """Sequential rule of internals.md over the last axis (increasing index).
-
-    ``if (d < best || (d != d && best == best)) { best = d; idx = q; }``, best=+inf,
-    idx=-1. Returns (val float64, idx int64).
-    """
-    N = D.shape[-1]
-    ar = torch.arange(N, dtype=torch.int64).expand_as(D)
-    big = torch.full_like(ar, N + 1)
-    D = torch.where(D < 0, torch.zeros_like(D), D)
-    isn = torch.isnan(D) & mask
-    has_nan = isn.any(-1)
-    first_nan = torch.where(isn, ar, big).min(-1).values
-    Dn = torch.where(mask & ~torch.isnan(D), D, torch.full_like(D, float("inf")))
-    val = Dn.min(-1).values
-    arg = torch.where(Dn == val.unsqueeze(-1), ar, big).min(-1).values
-    idx = torch.where(val < float("inf"), arg, torch.full_like(arg, -1))
-    val = torch.where(has_nan, torch.full_like(val, float("nan")), val)
-    idx = torch.where(has_nan, first_nan, idx)
-    return val, idx
-
-
-def sqdist64(a, b):
-    """a [B,P,C], b [B,N,C] -> [B,P,N] float64 by direct differences."""
-    a = a.detach().cpu().double()
-    b = b.detach().cpu().double()
-    return ((a[:, :, None, :] - b[:, None, :, :]) ** 2).sum(-1)
 
 
 def oracle_global(query, reference, labels, L, rate):
     """-> (val [B,L,P], idx [B,L,P], D [B,1,P,N], cand [B,L,1,N])."""
-    B, H, W, C = query.shape
-    _, T, Hr, Wr, _ = reference.shape
-    D = sqdist64(query.reshape(B, H * W, C), reference.reshape(B, T * Hr * Wr, C))
-    lab = labels.detach().cpu().long().reshape(B, T * Hr * Wr)
-    ys = torch.arange(Hr) % rate == 0
-    xs = torch.arange(Wr) % rate == 0
-    grid = (ys[:, None] & xs[None, :]).reshape(-1).repeat(T)
-    cand = torch.stack([(lab == l) & grid for l in range(L)], 1)[:, :, None, :]
-    Dl = D[:, None].expand(B, L, H * W, D.shape[-1])
-    val, idx = seq_min(Dl, cand.expand_as(Dl))
-    return val, idx, D[:, None], cand
+    D, cand = oracle.global_candidates(*host(query, reference, labels), L, rate)
+    return (*oracle.seq_min(D, cand), D, cand)
 
 
 def oracle_local(query, previous, labels, L, windows, rate):
     """-> (val [B,L,K,P], idx [B,L,K,P], D [B,1,1,P,N], cand [B,L,K,P,N])."""
-    B, H, W, C = query.shape
-    D = sqdist64(query.reshape(B, H * W, C), previous.reshape(B, H * W, C))
-    yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
-    yy, xx = yy.reshape(-1), xx.reshape(-1)
-    dy = yy[None, :] - yy[:, None]          # [P, N]
-    dx = xx[None, :] - xx[:, None]
-    on_grid = (dy % rate == 0) & (dx % rate == 0)
-    lab = labels.detach().cpu().long().reshape(B, 1, H * W)
-    cand = torch.stack([
-        torch.stack([((lab == l) & (on_grid & (dy.abs() <= k) & (dx.abs() <= k))[None])
-                     for k in windows], 1)
-        for l in range(L)], 1)              # [B, L, K, P, N]
-    Dl = D[:, None, None].expand_as(cand)
-    val, idx = seq_min(Dl, cand)
-    return val, idx, D[:, None, None], cand
-
-
-def fg_bg64(val, idx, bias, L):
-    """fg, bg in float64 from oracle (val, idx) [B, L, ...]."""
-    shape = [1, L] + [1] * (val.dim() - 2)
-    b = bias.detach().cpu().double().reshape(shape)
-    fg = torch.tanh((val + b) / 2)
-    fg = torch.where(idx < 0, torch.ones_like(fg), fg)
-    if L == 1:
-        bg = torch.ones_like(fg)
-    else:
-        bg = torch.stack([torch.cat([fg[:, :l], fg[:, l + 1:]], 1).amin(1)  # amin keeps NaN
-                          for l in range(L)], 1)
-    return fg, bg
+    D, cand = oracle.local_candidates(*host(query, previous, labels), L, windows, rate)
+    return (*oracle.seq_min(D, cand), D, cand)
 
 
 def check_min(val, idx, ov, oi, D, cand, exact=False):
@@ -175,9 +98,8 @@ def check_fgbg(fg, bg, efg, ebg):
 # ----------------------------------------------------------------------------------------
 
 
-def global_inputs(seed, B=2, T=2, H=6, W=7, Hr=6, Wr=8, C=16, L=4, lab_hi=None,
+def global_inputs(g, B=2, T=2, H=6, W=7, Hr=6, Wr=8, C=16, L=4, lab_hi=None,
                   dtype=torch.float32, lab_dtype=torch.int64):
-    g = gen(seed)
     q = randn(g, B, H, W, C, dtype=dtype)
     r = randn(g, B, T, Hr, Wr, C, dtype=dtype)
     hi = L - 1 if lab_hi is None else lab_hi       # default: label L-1 is empty
@@ -186,9 +108,9 @@ def global_inputs(seed, B=2, T=2, H=6, W=7, Hr=6, Wr=8, C=16, L=4, lab_hi=None,
 
 
 @pytest.mark.parametrize("rate", [1, 2, 3])
-def test_global_sqdist_random(rate):
+def test_global_sqdist_random(gen, rate):
     L = 4
-    q, r, lab = global_inputs(100 + rate, L=L)
+    q, r, lab = global_inputs(gen, L=L)
     sq, idx = tm.labelled_nearest_sqdist(q, r, lab, L, rate, block_m=16, block_n=16)
     assert sq.shape == (2, L, 6, 7) and idx.shape == (2, L, 6, 7)
     ov, oi, D, cand = oracle_global(q, r, lab, L, rate)
@@ -196,26 +118,25 @@ def test_global_sqdist_random(rate):
     assert (idx[:, L - 1] == -1).all() and torch.isinf(sq[:, L - 1]).all()   # empty label
 
 
-def test_global_default_blocks_int32_labels_single_frame():
+def test_global_default_blocks_int32_labels_single_frame(gen):
     L = 3
-    q, r, lab = global_inputs(7, T=1, H=9, W=11, Hr=10, Wr=9, C=5, L=L, lab_hi=L,
+    q, r, lab = global_inputs(gen, T=1, H=9, W=11, Hr=10, Wr=9, C=5, L=L, lab_hi=L,
                               lab_dtype=torch.int32)
     sq, idx = tm.labelled_nearest_sqdist(q, r, lab, L, 1)
     ov, oi, D, cand = oracle_global(q, r, lab, L, 1)
     check_min(sq, idx, ov, oi, D, cand)
 
 
-def test_global_ties_lowest_index():
+def test_global_ties_lowest_index(gen):
     # small-integer embeddings: every distance is exact in fp32, so ties are real ties
     # and the index must be exactly the oracle's (lowest flat index) everywhere.
-    g = gen(11)
     B, T, H, W, Hr, Wr, C, L = 2, 2, 5, 6, 6, 7, 3, 3
-    q = torch.randint(-2, 3, (B, H, W, C), generator=g).float().to(DEV)
-    r = torch.randint(-2, 3, (B, T, Hr, Wr, C), generator=g).float()
+    q = torch.randint(-2, 3, (B, H, W, C), generator=gen).float().to(DEV)
+    r = torch.randint(-2, 3, (B, T, Hr, Wr, C), generator=gen).float()
     r[:, 1] = r[:, 0]                       # duplicate reference rows across frames
     r[:, 0, 3] = r[:, 0, 1]                 # and within a frame
     r = r.to(DEV)
-    lab = randint(g, -1, L, B, T, Hr, Wr)
+    lab = randint(gen, -1, L, B, T, Hr, Wr)
     for rate in (1, 2):
         sq, idx = tm.labelled_nearest_sqdist(q, r, lab, L, rate, block_m=16, block_n=16)
         ov, oi, D, cand = oracle_global(q, r, lab, L, rate)
@@ -232,23 +153,22 @@ def test_global_ties_lowest_index():
     assert torch.equal(idx[:, 0, 0].cpu(), oi.reshape(B, 1, H, W)[:, 0, 0])
 
 
-def test_global_noncontiguous_and_channel_chunks():
+def test_global_noncontiguous_and_channel_chunks(gen):
     # C = 144 > 128 exercises the chunked-C path (3 chunks of 64 with masking)
     L = 2
-    g = gen(21)
     B, T, H, W, Hr, Wr, C = 1, 2, 4, 5, 4, 4, 144
-    q = noncontig_image(randn(g, B, H, W, C))
-    r = randn(g, B, T, C, Hr, Wr).permute(0, 1, 3, 4, 2)
-    lab = randint(g, -1, L, B, T, Wr, Hr).transpose(2, 3)
+    q = noncontig_image(randn(gen, B, H, W, C))
+    r = randn(gen, B, T, C, Hr, Wr).permute(0, 1, 3, 4, 2)
+    lab = randint(gen, -1, L, B, T, Wr, Hr).transpose(2, 3)
     assert not r.is_contiguous() and not lab.is_contiguous()
     sq, idx = tm.labelled_nearest_sqdist(q, r, lab, L, 1, block_m=16, block_n=16)
     ov, oi, D, cand = oracle_global(q, r, lab, L, 1)
     check_min(sq, idx, ov, oi, D, cand)
 
 
-def test_global_nan_propagates():
+def test_global_nan_propagates(gen):
     L = 3
-    q, r, lab = global_inputs(31, B=1, T=2, H=5, W=5, Hr=5, Wr=6, C=8, L=L, lab_hi=L)
+    q, r, lab = global_inputs(gen, B=1, T=2, H=5, W=5, Hr=5, Wr=6, C=8, L=L, lab_hi=L)
     q[0, 2, 3, 1] = float("nan")            # one query pixel: all its labels NaN
     r[0, 1, 2, 2, 4] = float("nan")         # one reference pixel: NaN for its label
     lab[0, 1, 2, 2] = 1
@@ -261,23 +181,22 @@ def test_global_nan_propagates():
     bias = torch.tensor([-0.7, 0.3, 0.3], device=DEV)
     fg, bg, idx2 = tm.fb_global_matching(q, r, lab, L, bias, 1, block_m=16, block_n=16)
     assert torch.equal(idx, idx2)
-    efg, ebg = fg_bg64(ov, oi, bias, L)
+    efg, ebg = oracle.fb(ov, oi, bias.cpu())
     check_fgbg(fg, bg, efg, ebg)
     assert torch.isnan(fg[0, 1]).all() and torch.isnan(bg[0, 0]).all()
     assert torch.isnan(bg[0, 2]).all()
 
 
 @pytest.mark.parametrize("rate", [1, 2])
-def test_fb_global_matching(rate):
+def test_fb_global_matching(gen, rate):
     L = 4
-    q, r, lab = global_inputs(40 + rate, L=L)   # label 3 empty
-    g = gen(41)
-    bias = (torch.randn(L, generator=g) * 0.5).to(DEV)
+    q, r, lab = global_inputs(gen, L=L)   # label 3 empty
+    bias = (torch.randn(L, generator=gen) * 0.5).to(DEV)
     fg, bg, idx = tm.fb_global_matching(q, r, lab, L, bias, rate, block_m=16, block_n=16)
     assert fg.shape == bg.shape == idx.shape == (2, L, 6, 7)
     assert fg.dtype == bg.dtype == torch.float32 and idx.dtype == torch.int64
     ov, oi, D, cand = oracle_global(q, r, lab, L, rate)
-    efg, ebg = fg_bg64(ov, oi, bias, L)
+    efg, ebg = oracle.fb(ov, oi, bias.cpu())
     check_fgbg(fg, bg, efg, ebg)
     assert (fg[:, L - 1] == 1.0).all()      # empty label: exactly 1.0
     # deterministic: bitwise equal on a second run
@@ -285,12 +204,12 @@ def test_fb_global_matching(rate):
     assert torch.equal(fg, fg2) and torch.equal(bg, bg2) and torch.equal(idx, idx2)
 
 
-def test_fb_global_single_label_and_all_empty():
-    q, r, lab = global_inputs(51, B=1, T=1, H=4, W=5, Hr=4, Wr=4, C=6, L=1, lab_hi=1)
+def test_fb_global_single_label_and_all_empty(gen):
+    q, r, lab = global_inputs(gen, B=1, T=1, H=4, W=5, Hr=4, Wr=4, C=6, L=1, lab_hi=1)
     bias = torch.tensor([0.25], device=DEV)
     fg, bg, idx = tm.fb_global_matching(q, r, lab, 1, bias, 1)
     ov, oi, D, cand = oracle_global(q, r, lab, 1, 1)
-    efg, ebg = fg_bg64(ov, oi, bias, 1)
+    efg, ebg = oracle.fb(ov, oi, bias.cpu())
     check_fgbg(fg, bg, efg, ebg)
     assert (bg == 1.0).all()
     # no labelled reference pixel at all: every fg and bg exactly 1.0, index -1
@@ -299,11 +218,11 @@ def test_fb_global_single_label_and_all_empty():
     assert (fg == 1.0).all() and (bg == 1.0).all() and (idx == -1).all()
 
 
-def test_global_larger_default_blocks_mixed_dtypes():
+def test_global_larger_default_blocks_mixed_dtypes(gen):
     # 12x12 query, 2 reference frames of 12x12, atrous 2, default 64x64 tiles; the
     # reference in float16 and the query in float32 (promoted to a common dtype)
     L = 4
-    q, r, lab = global_inputs(71, B=1, T=2, H=12, W=12, Hr=12, Wr=12, C=16, L=L, lab_hi=L)
+    q, r, lab = global_inputs(gen, B=1, T=2, H=12, W=12, Hr=12, Wr=12, C=16, L=L, lab_hi=L)
     r = r.half()
     for rate in (1, 2):
         sq, idx = tm.labelled_nearest_sqdist(q, r, lab, L, rate)
@@ -312,9 +231,9 @@ def test_global_larger_default_blocks_mixed_dtypes():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_global_half_inputs(dtype):
+def test_global_half_inputs(gen, dtype):
     L = 3
-    q, r, lab = global_inputs(61, B=1, T=2, H=5, W=6, Hr=5, Wr=5, C=16, L=L, lab_hi=L,
+    q, r, lab = global_inputs(gen, B=1, T=2, H=5, W=6, Hr=5, Wr=5, C=16, L=L, lab_hi=L,
                               dtype=dtype)
     sq, idx = tm.labelled_nearest_sqdist(q, r, lab, L, 1, block_m=16, block_n=16)
     assert sq.dtype == torch.float32
@@ -327,9 +246,8 @@ def test_global_half_inputs(dtype):
 # ----------------------------------------------------------------------------------------
 
 
-def local_inputs(seed, B=2, H=7, W=9, C=8, L=3, lab_hi=None, dtype=torch.float32,
+def local_inputs(g, B=2, H=7, W=9, C=8, L=3, lab_hi=None, dtype=torch.float32,
                  lab_dtype=torch.int64):
-    g = gen(seed)
     q = randn(g, B, H, W, C, dtype=dtype)
     p = randn(g, B, H, W, C, dtype=dtype)
     hi = L - 1 if lab_hi is None else lab_hi
@@ -345,7 +263,7 @@ def run_local_and_check(q, p, lab, L, windows, rate, bias=None, exact=False, **k
     K = len(windows)
     assert fg.shape == bg.shape == idx.shape == (B, L, K, H, W)
     ov, oi, D, cand = oracle_local(q, p, lab, L, windows, rate)
-    efg, ebg = fg_bg64(ov, oi, bias, L)
+    efg, ebg = oracle.fb(ov, oi, bias.cpu())
     check_fgbg(fg, bg, efg, ebg)
     check_min(None, idx, ov, oi, D, cand, exact=exact)   # no sqdist output: index only
     assert (fg[idx < 0] == 1.0).all()
@@ -353,23 +271,23 @@ def run_local_and_check(q, p, lab, L, windows, rate, bias=None, exact=False, **k
 
 
 @pytest.mark.parametrize("rate,windows", [(1, [1, 2, 4]), (2, [2, 3, 20]), (3, [1, 3, 6])])
-def test_local_random(rate, windows):
+def test_local_random(gen, rate, windows):
     L = 4                                   # label 3 empty
-    q, p, lab = local_inputs(200 + rate, L=L)
+    q, p, lab = local_inputs(gen, L=L)
     fg, bg, idx, ov, oi = run_local_and_check(q, p, lab, L, windows, rate, block_p=32)
     assert (idx[:, L - 1] == -1).all() and (fg[:, L - 1] == 1.0).all()
 
 
-def test_local_cfbi_plus_windows():
+def test_local_cfbi_plus_windows(gen):
     # CFBI+ stride-8 style windows on a 12x12 map, atrous 2 (windows up to the frame size)
     L = 4
-    q, p, lab = local_inputs(305, B=1, H=12, W=12, C=16, L=L, lab_hi=L)
+    q, p, lab = local_inputs(gen, B=1, H=12, W=12, C=16, L=L, lab_hi=L)
     run_local_and_check(q, p, lab, L, [2, 4, 6, 8, 10, 12], 2)
 
 
-def test_local_window_larger_than_frame_int32_noncontig():
+def test_local_window_larger_than_frame_int32_noncontig(gen):
     L = 3
-    q, p, lab = local_inputs(301, B=1, H=5, W=4, C=6, L=L, lab_hi=L, lab_dtype=torch.int32)
+    q, p, lab = local_inputs(gen, B=1, H=5, W=4, C=6, L=L, lab_hi=L, lab_dtype=torch.int32)
     q = noncontig_image(q)
     p = noncontig_image(p)
     lab = lab.transpose(1, 2).contiguous().transpose(1, 2)
@@ -377,33 +295,32 @@ def test_local_window_larger_than_frame_int32_noncontig():
     run_local_and_check(q, p, lab, L, [2, 7, 30], 1)
 
 
-def test_local_single_label_and_chunked_channels():
-    q, p, lab = local_inputs(311, B=1, H=4, W=5, C=144, L=1, lab_hi=1)
+def test_local_single_label_and_chunked_channels(gen):
+    q, p, lab = local_inputs(gen, B=1, H=4, W=5, C=144, L=1, lab_hi=1)
     fg, bg, idx, _, _ = run_local_and_check(q, p, lab, 1, [1, 2], 1)
     assert (bg == 1.0).all()
 
 
-def test_local_label_groups(monkeypatch):
+def test_local_label_groups(gen, monkeypatch):
     # force one label per program (grid axis 1 = label groups)
     monkeypatch.setattr(tm, "_LOCAL_MAX_COLS", 2)
     L = 4
-    q, p, lab = local_inputs(321, B=2, H=5, W=6, C=5, L=L, lab_hi=L)
+    q, p, lab = local_inputs(gen, B=2, H=5, W=6, C=5, L=L, lab_hi=L)
     run_local_and_check(q, p, lab, L, [1, 2], 1, block_p=16)
 
 
-def test_local_ties_integer():
-    g = gen(331)
+def test_local_ties_integer(gen):
     B, H, W, C, L = 2, 6, 7, 3, 3
-    q = torch.randint(-1, 2, (B, H, W, C), generator=g).float().to(DEV)
-    p = torch.randint(-1, 2, (B, H, W, C), generator=g).float().to(DEV)
-    lab = randint(g, -1, L, B, H, W)
+    q = torch.randint(-1, 2, (B, H, W, C), generator=gen).float().to(DEV)
+    p = torch.randint(-1, 2, (B, H, W, C), generator=gen).float().to(DEV)
+    lab = randint(gen, -1, L, B, H, W)
     for rate, windows in ((1, [1, 3]), (2, [2, 4])):
         run_local_and_check(q, p, lab, L, windows, rate, exact=True, block_p=16)
 
 
-def test_local_nan_propagates():
+def test_local_nan_propagates(gen):
     L = 3
-    q, p, lab = local_inputs(341, B=1, H=6, W=6, C=4, L=L, lab_hi=L)
+    q, p, lab = local_inputs(gen, B=1, H=6, W=6, C=4, L=L, lab_hi=L)
     q[0, 1, 1, 0] = float("nan")
     p[0, 4, 4, 2] = float("nan")
     lab[0, 4, 4] = 2
@@ -414,9 +331,9 @@ def test_local_nan_propagates():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_local_half_inputs(dtype):
+def test_local_half_inputs(gen, dtype):
     L = 2
-    q, p, lab = local_inputs(351, B=1, H=5, W=5, C=8, L=L, lab_hi=L, dtype=dtype)
+    q, p, lab = local_inputs(gen, B=1, H=5, W=5, C=8, L=L, lab_hi=L, dtype=dtype)
     run_local_and_check(q, p, lab, L, [1, 2], 1)
 
 
@@ -425,29 +342,13 @@ def test_local_half_inputs(dtype):
 # ----------------------------------------------------------------------------------------
 
 
-def oracle_pool(emb, labels, L):
-    B, H, W, C = emb.shape
-    e = emb.detach().cpu().double().reshape(B, H * W, C)
-    lab = labels.detach().cpu().long().reshape(B, H * W)
-    out = torch.zeros(B, L, 2, C, dtype=torch.float64)
-    for b in range(B):
-        valid = lab[b] >= 0
-        for l in range(L):
-            m = lab[b] == l
-            o = valid & ~m
-            out[b, l, 0] = e[b][m].sum(0) / (m.sum() + 1e-5)
-            out[b, l, 1] = e[b][o].sum(0) / (o.sum() + 1e-5)
-    return out
-
-
-def test_instance_pooling():
-    g = gen(401)
+def test_instance_pooling(gen):
     B, H, W, C, L = 2, 7, 9, 12, 4
-    emb = noncontig_image(randn(g, B, H, W, C))
-    lab = randint(g, -1, L - 1, B, H, W, dtype=torch.int32)   # label 3 empty
+    emb = noncontig_image(randn(gen, B, H, W, C))
+    lab = randint(gen, -1, L - 1, B, H, W, dtype=torch.int32)   # label 3 empty
     out = tm.fb_instance_pooling(emb, lab, L)
     assert out.shape == (B, L, 2, C) and out.dtype == torch.float32
-    torch.testing.assert_close(out.cpu().double(), oracle_pool(emb, lab, L),
+    torch.testing.assert_close(out.cpu().double(), oracle.pooling(*host(emb, lab), L),
                                rtol=RTOL, atol=1e-5)
     assert (out[:, L - 1, 0] == 0).all()
     # NaN in one pixel reaches its own label's fg mean and the other labels' bg means
@@ -456,19 +357,18 @@ def test_instance_pooling():
     lab2 = lab.clone()
     lab2[1, 3, 4] = 1
     out2 = tm.fb_instance_pooling(emb2, lab2.long(), L)
-    torch.testing.assert_close(out2.cpu().double(), oracle_pool(emb2, lab2, L),
+    torch.testing.assert_close(out2.cpu().double(), oracle.pooling(*host(emb2, lab2), L),
                                rtol=RTOL, atol=1e-5, equal_nan=True)
     assert torch.isnan(out2[1, 1, 0, 5]) and not torch.isnan(out2[1, 1, 1, 5])
     assert torch.isnan(out2[1, 0, 1, 5]) and not torch.isnan(out2[1, 0, 0, 5])
     assert not torch.isnan(out2[0]).any()
 
 
-def test_instance_pooling_single_label_wide_channels():
-    g = gen(411)
-    emb = randn(g, 1, 5, 6, 80)                  # C > 64: two channel blocks
-    lab = randint(g, -1, 1, 1, 5, 6)
+def test_instance_pooling_single_label_wide_channels(gen):
+    emb = randn(gen, 1, 5, 6, 80)                # C > 64: two channel blocks
+    lab = randint(gen, -1, 1, 1, 5, 6)
     out = tm.fb_instance_pooling(emb, lab, 1)
-    torch.testing.assert_close(out.cpu().double(), oracle_pool(emb, lab, 1),
+    torch.testing.assert_close(out.cpu().double(), oracle.pooling(*host(emb, lab), 1),
                                rtol=RTOL, atol=1e-5)
 
 
@@ -477,60 +377,42 @@ def test_instance_pooling_single_label_wide_channels():
 # ----------------------------------------------------------------------------------------
 
 
-def oracle_backward(grad, query, reference, index):
-    """float64 autograd of sum(g * ||e_p - e_idx||^2) over index >= 0."""
-    q = query.detach().cpu().double().requires_grad_(True)
-    r = reference.detach().cpu().double().requires_grad_(True)
-    g = grad.detach().cpu().double()
-    idx = index.detach().cpu().long()
-    B, M, Nq = idx.shape
-    valid = idx >= 0
-    rq = torch.gather(r, 1, idx.clamp(min=0).reshape(B, M * Nq, 1)
-                      .expand(B, M * Nq, r.shape[-1])).reshape(B, M, Nq, -1)
-    d = ((q[:, None] - rq) ** 2).sum(-1)
-    loss = (torch.where(valid, g * d, torch.zeros_like(d))).sum()
-    loss.backward()
-    return q.grad, r.grad
-
-
-def test_backward_global_indices():
+def test_backward_global_indices(gen):
     L = 4
-    q, r, lab = global_inputs(501, B=2, T=2, H=5, W=6, Hr=4, Wr=5, C=10, L=L)  # 1 empty
+    q, r, lab = global_inputs(gen, B=2, T=2, H=5, W=6, Hr=4, Wr=5, C=10, L=L)  # 1 empty
     sq, idx = tm.labelled_nearest_sqdist(q, r, lab, L, 1)
     B, H, W, C = q.shape
-    g = gen(502)
-    grad = randn(g, B, L, H * W)
+    grad = randn(gen, B, L, H * W)
     qf = q.reshape(B, H * W, C)
     rf = r.reshape(B, -1, C)
     idx3 = idx.reshape(B, L, H * W)
     assert (idx3 < 0).any() and (idx3 >= 0).any()
     gq, gr = tm.nearest_sqdist_backward(grad, qf, rf, idx3)
-    eq, er = oracle_backward(grad, qf, rf, idx3)
+    eq, er = oracle.sqdist_backward(grad, qf, rf, idx3)
     assert gq.shape == qf.shape and gr.shape == rf.shape
     torch.testing.assert_close(gq.cpu().double(), eq, rtol=RTOL, atol=1e-4)
     torch.testing.assert_close(gr.cpu().double(), er, rtol=RTOL, atol=1e-4)
 
 
-def test_backward_local_indices_noncontig_int32():
+def test_backward_local_indices_noncontig_int32(gen):
     L = 3
     K = 2
-    q, p, lab = local_inputs(511, B=1, H=5, W=6, C=70, L=L, lab_hi=L)  # C > 64: 2 blocks
+    q, p, lab = local_inputs(gen, B=1, H=5, W=6, C=70, L=L, lab_hi=L)  # C > 64: 2 blocks
     fg, bg, idx = tm.fb_multi_local_matching(q, p, lab, L, [1, 2],
                                              torch.zeros(L, device=DEV), 1)
     B, H, W, C = q.shape
-    g = gen(512)
-    grad = randn(g, B, L * K, H * W)
+    grad = randn(gen, B, L * K, H * W)
     qf = noncontig_image(q).reshape(B, H * W, C)
     pf = p.reshape(B, H * W, C)
     idx3 = idx.reshape(B, L * K, H * W).to(torch.int32)
     gq, gr = tm.nearest_sqdist_backward(grad, qf, pf, idx3)
-    eq, er = oracle_backward(grad, qf, pf, idx3)
+    eq, er = oracle.sqdist_backward(grad, qf, pf, idx3)
     torch.testing.assert_close(gq.cpu().double(), eq, rtol=RTOL, atol=1e-4)
     torch.testing.assert_close(gr.cpu().double(), er, rtol=RTOL, atol=1e-4)
 
 
-def test_shape_mismatch_raises_value_error():
-    q, r, lab = global_inputs(601, B=1, T=1, H=3, W=3, Hr=3, Wr=3, C=4, L=2)
+def test_shape_mismatch_raises_value_error(gen):
+    q, r, lab = global_inputs(gen, B=1, T=1, H=3, W=3, Hr=3, Wr=3, C=4, L=2)
     with pytest.raises(ValueError, match="reference_labels"):
         tm.labelled_nearest_sqdist(q, r, lab[:, :, :2], 2, 1)
     with pytest.raises(ValueError, match="bias"):

@@ -18,6 +18,10 @@
 #include <cstdlib>
 #include <limits>
 #include <type_traits>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include <vector>
 
 namespace vos_kernels {
@@ -26,10 +30,10 @@ namespace {
 
 using at::Tensor;
 
-// The GEMM tile: kTileRows queries x (kTileElems / kTileRows) reference pixels (1 MiB of
-// float32: it stays in the L2 caches between the product and the epilogue).
-constexpr int64_t kTileElems = int64_t(1) << 18;
-constexpr int64_t kTileRows = 256;
+// One thread's GEMM tile: kTileRows queries x (kTileElems / kTileRows) reference pixels
+// (512 KiB of float32: it stays in L2 between the product and the epilogue).
+constexpr int64_t kTileElems = int64_t(1) << 17;
+constexpr int64_t kTileRows = 128;
 
 // The running-minimum update rule every backend uses: strict '<' (ties keep the
 // earlier, lower flat index), and a NaN distance replaces a non-NaN minimum once.
@@ -134,32 +138,71 @@ struct ChunkArgs {
   int64_t* best_index;    // [m]
 };
 
-// d = |q|^2 + |r|^2 - 2 q.r, clamped at 0; folded into the running minimum with the
-// update rule of `improves`, but vectorisable: one pass for the chunk minimum and a NaN
-// count, and a rescan (same IEEE operations, no FP contraction) only when it changes.
+// d = |q|^2 + |r|^2 - 2 q.r, clamped at 0, folded into the running minimum with the
+// update rule of `improves`.
+//
+// Fast path (finite norms, so no distance can be NaN): kLanes independent running
+// (min, first index) pairs over j = u mod kLanes, which the compiler turns into SIMD
+// compares and blends; the lanes are then merged by (value, index). Same result as a
+// sequential scan with strict '<'. Rows or chunks with a non-finite norm take the
+// sequential scan, where NaN is sticky (first NaN's index).
 template <typename T>
 __attribute__((always_inline)) inline void fold_rows_impl(const ChunkArgs<T>& a, int64_t r0,
                                                           int64_t r1) {
+  constexpr int kLanes = 16;
   const int64_t n = a.n;
+  bool cols_finite = true;
+  for (int64_t j = 0; j < n; ++j) cols_finite &= std::isfinite(a.rn[j]);
   for (int64_t r = r0; r < r1; ++r) {
     const T* row = a.dots + r * n;
     const T qnr = a.qn[r];
-    T mn = std::numeric_limits<T>::infinity();
-    int64_t nans = 0;
-    for (int64_t j = 0; j < n; ++j) {
-      const T d = clamp_nonneg(qnr + a.rn[j] - T(2) * row[j]);
-      mn = d < mn ? d : mn;
-      nans += (d != d);
-    }
     T& best = a.best[r];
-    if (best != best || (nans == 0 && !(mn < best))) continue;
-    int64_t j = 0;
-    for (;; ++j) {
-      const T d = clamp_nonneg(qnr + a.rn[j] - T(2) * row[j]);
-      if (nans > 0 ? d != d : d == mn) break;
+    if (best != best) continue;  // NaN is sticky
+    if (!cols_finite || !std::isfinite(qnr)) {
+      for (int64_t j = 0; j < n; ++j) {
+        const T d = clamp_nonneg(qnr + a.rn[j] - T(2) * row[j]);
+        if (improves(d, best)) {
+          best = d;
+          a.best_index[r] = a.index[j];
+          if (d != d) break;
+        }
+      }
+      continue;
     }
-    best = nans > 0 ? std::numeric_limits<T>::quiet_NaN() : mn;
-    a.best_index[r] = a.index[j];
+    T mv[kLanes];
+    int32_t iv[kLanes];
+    for (int u = 0; u < kLanes; ++u) {
+      mv[u] = std::numeric_limits<T>::infinity();
+      iv[u] = -1;
+    }
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) {
+      for (int u = 0; u < kLanes; ++u) {
+        const T d = clamp_nonneg(qnr + a.rn[j + u] - T(2) * row[j + u]);
+        const bool lt = d < mv[u];
+        mv[u] = lt ? d : mv[u];
+        iv[u] = lt ? static_cast<int32_t>(j + u) : iv[u];
+      }
+    }
+    T mn = std::numeric_limits<T>::infinity();
+    int64_t at = -1;
+    for (int u = 0; u < kLanes; ++u) {
+      if (iv[u] >= 0 && (mv[u] < mn || (mv[u] == mn && iv[u] < at))) {
+        mn = mv[u];
+        at = iv[u];
+      }
+    }
+    for (; j < n; ++j) {  // tail, in order after every lane's elements
+      const T d = clamp_nonneg(qnr + a.rn[j] - T(2) * row[j]);
+      if (d < mn) {
+        mn = d;
+        at = j;
+      }
+    }
+    if (at >= 0 && mn < best) {
+      best = mn;
+      a.best_index[r] = a.index[at];
+    }
   }
 }
 
@@ -169,9 +212,73 @@ void fold_rows_default(const ChunkArgs<T>& a, int64_t r0, int64_t r1) {
 }
 
 #if defined(__x86_64__)
+// AVX2 fast path of fold_rows_impl for float32: the same IEEE operations in the same
+// order ((|q|^2 + |r|^2) - 2 q.r, then the clamp as a blend so -0.0 and NaN behave as in
+// the scalar code), two 8-wide (min, first index) accumulators kept in registers.
 __attribute__((target("avx2,fma"))) void fold_rows_avx2(const ChunkArgs<float>& a, int64_t r0,
                                                         int64_t r1) {
-  fold_rows_impl<float>(a, r0, r1);
+  const int64_t n = a.n;
+  bool cols_finite = true;
+  for (int64_t j = 0; j < n; ++j) cols_finite &= std::isfinite(a.rn[j]);
+  const __m256 two = _mm256_set1_ps(2.0f), zero = _mm256_setzero_ps();
+  const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  for (int64_t r = r0; r < r1; ++r) {
+    const float qnr = a.qn[r];
+    if (a.best[r] != a.best[r]) continue;  // NaN is sticky
+    if (!cols_finite || !std::isfinite(qnr) || n < 16) {
+      fold_rows_impl<float>(a, r, r + 1);
+      continue;
+    }
+    const float* row = a.dots + r * n;
+    const __m256 vq = _mm256_set1_ps(qnr);
+    __m256 m0 = inf, m1 = inf;
+    __m256i i0 = _mm256_set1_epi32(-1), i1 = i0;
+    __m256i j0 = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i j1 = _mm256_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15);
+    const __m256i step = _mm256_set1_epi32(16);
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+      __m256 d0 = _mm256_sub_ps(_mm256_add_ps(vq, _mm256_loadu_ps(a.rn + j)),
+                                _mm256_mul_ps(two, _mm256_loadu_ps(row + j)));
+      __m256 d1 = _mm256_sub_ps(_mm256_add_ps(vq, _mm256_loadu_ps(a.rn + j + 8)),
+                                _mm256_mul_ps(two, _mm256_loadu_ps(row + j + 8)));
+      d0 = _mm256_blendv_ps(d0, zero, _mm256_cmp_ps(d0, zero, _CMP_LT_OQ));
+      d1 = _mm256_blendv_ps(d1, zero, _mm256_cmp_ps(d1, zero, _CMP_LT_OQ));
+      const __m256 lt0 = _mm256_cmp_ps(d0, m0, _CMP_LT_OQ);
+      const __m256 lt1 = _mm256_cmp_ps(d1, m1, _CMP_LT_OQ);
+      m0 = _mm256_blendv_ps(m0, d0, lt0);
+      m1 = _mm256_blendv_ps(m1, d1, lt1);
+      i0 = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(i0), _mm256_castsi256_ps(j0), lt0));
+      i1 = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(i1), _mm256_castsi256_ps(j1), lt1));
+      j0 = _mm256_add_epi32(j0, step);
+      j1 = _mm256_add_epi32(j1, step);
+    }
+    alignas(32) float mv[16];
+    alignas(32) int32_t iv[16];
+    _mm256_store_ps(mv, m0);
+    _mm256_store_ps(mv + 8, m1);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(iv), i0);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(iv + 8), i1);
+    float mn = std::numeric_limits<float>::infinity();
+    int64_t at = -1;
+    for (int u = 0; u < 16; ++u) {
+      if (iv[u] >= 0 && (mv[u] < mn || (mv[u] == mn && iv[u] < at))) {
+        mn = mv[u];
+        at = iv[u];
+      }
+    }
+    for (; j < n; ++j) {
+      const float d = clamp_nonneg(qnr + a.rn[j] - 2.0f * row[j]);
+      if (d < mn) {
+        mn = d;
+        at = j;
+      }
+    }
+    if (at >= 0 && mn < a.best[r]) {
+      a.best[r] = mn;
+      a.best_index[r] = a.index[at];
+    }
+  }
 }
 #endif
 
@@ -237,27 +344,30 @@ void nearest_one_batch(const Tensor& query,      // [Nq, C] contiguous
     }
   });
 
-  // Tiles of kTileRows queries: BLAS (multi-threaded) multiplies the tile by a
-  // label-grouped chunk of the reference into one reused buffer, then the rows of the
-  // chunk are folded into the running per-label minima in parallel.
+  // Query tiles in parallel. Each thread multiplies its tile by label-grouped chunks of
+  // the reference into a private L2-sized buffer (BLAS runs single-threaded inside the
+  // parallel region) and folds each chunk into its rows' running per-label minima.
   const int64_t BM = std::min<int64_t>(kTileRows, Nq);
   const int64_t BN = std::max<int64_t>(1, kTileElems / BM);
-  Tensor tile = at::empty({BM * BN}, query.options());
-  T* tp = tile.data_ptr<T>();
-  for (int64_t q0 = 0; q0 < Nq; q0 += BM) {
-    const int64_t m = std::min(BM, Nq - q0);
-    const Tensor qt = query.narrow(0, q0, m);
-    for (int64_t l = 0; l < L; ++l) {
-      for (int64_t s0 = seg[l]; s0 < seg[l + 1]; s0 += BN) {
-        const int64_t n = std::min(BN, seg[l + 1] - s0);
-        Tensor dots = tile.narrow(0, 0, m * n).view({m, n});
-        at::mm_out(dots, qt, cand_t.narrow(1, s0, n));  // BLAS: [m, C] x [C, n]
-        const ChunkArgs<T> a{tp, qn.data() + q0, rn.data() + s0, ci + s0, n,
-                             out_d + l * Nq + q0, out_i + l * Nq + q0};
-        at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) { fold_rows(a, r0, r1); });
+  const int64_t num_tiles = (Nq + BM - 1) / BM;
+  at::parallel_for(0, num_tiles, 1, [&](int64_t t0, int64_t t1) {
+    Tensor tile = at::empty({BM * BN}, query.options());
+    T* tp = tile.data_ptr<T>();
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t q0 = t * BM, m = std::min(BM, Nq - q0);
+      const Tensor qt = query.narrow(0, q0, m);
+      for (int64_t l = 0; l < L; ++l) {
+        for (int64_t s0 = seg[l]; s0 < seg[l + 1]; s0 += BN) {
+          const int64_t n = std::min(BN, seg[l + 1] - s0);
+          Tensor dots = tile.narrow(0, 0, m * n).view({m, n});
+          at::mm_out(dots, qt, cand_t.narrow(1, s0, n));  // BLAS: [m, C] x [C, n]
+          const ChunkArgs<T> a{tp, qn.data() + q0, rn.data() + s0, ci + s0, n,
+                               out_d + l * Nq + q0, out_i + l * Nq + q0};
+          fold_rows(a, 0, m);
+        }
       }
     }
-  }
+  });
 }
 
 std::tuple<Tensor, Tensor> nearest_impl(const Tensor& query, const Tensor& reference,

@@ -1,0 +1,71 @@
+"""Smoke test of the benchmark harness (vos_kernels/benchmark.py): a --quick run writes
+results.json / results.md / speedup_memory.png with sane numbers, and the pieces the
+harness relies on (case selection, the float64 oracle run in pieces) are right."""
+import json
+
+import torch
+
+from vos_kernels import benchmark as vb
+
+
+def test_quick_run_writes_results(tmp_path):
+    assert vb.main(["--quick", "--out", str(tmp_path), "--repeats", "3"]) == 0
+    for name in ("results.json", "results.md", "speedup_memory.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert (tmp_path / "speedup_memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    res = json.loads((tmp_path / "results.json").read_text())
+    env = res["environment"]
+    for key in ("device", "device_name", "torch", "triton", "threads", "git_commit", "date"):
+        assert env[key] not in (None, ""), key
+    assert env["device"] == "cpu" and env["threads"] >= 1
+    assert set(res["peers"]) == {"pykeops", "spatial_correlation_sampler"}
+    assert res["ceilings"]["matmul"]["gflops"] > 0 and res["ceilings"]["copy"]["gbytes_per_s"] > 0
+
+    names = [c.name for c in vb.QUICK_CASES]
+    assert [c["name"] for c in res["cases"]] == names
+    for case in res["cases"]:
+        assert case["speedup"] > 0
+        assert 0 <= case["max_abs_error"] < 1e-4
+        assert case["memory_ratio_pct"] is None or case["memory_ratio_pct"] >= 0
+        for which in ("fused", "reference"):
+            impl = case[which]
+            assert impl["status"] == "ok", (case["name"], which, impl.get("reason"))
+            t = impl["time"]
+            assert 0 < t["min_ms"] <= t["median_ms"] <= t["max_ms"] and t["iqr_ms"] >= 0 and t["runs"] >= 3
+            mem = impl["memory"]
+            assert mem["status"] == "ok", mem
+            for key in ("extra_bytes", "baseline_bytes", "peak_bytes"):
+                assert isinstance(mem[key], int) and mem[key] >= 0, (key, mem)
+            assert impl["gflops"] > 0
+            assert 0 <= impl["max_abs_error"]["max"] < 1e-4
+
+    table = (tmp_path / "results.md").read_text()
+    assert "| case | sizes | fused ms | reference ms | speedup |" in table
+    assert all(f"| {n} |" in table for n in names)
+
+
+def test_select_cases_substring_and_glob():
+    names = lambda pat: [c.name for c in vb.select_cases(vb.FULL_CASES, pat)]  # noqa: E731
+    assert names("global/cfbip-davis-s4-a2") == ["global/cfbip-davis-s4-a2"]
+    assert all(n.startswith("local/") for n in names("local/*")) and len(names("local/*")) >= 5
+    assert names("sweep-*-x4") == []  # a glob matches whole names
+    assert names("*sweep*x4") == ["global/sweep-a2-c32-x4", "local/sweep-a2-c32-x4"]
+    assert names("s16,cfbi-s8") == ["global/cfbip-s16", "local/cfbip-s16", "local/cfbi-s8-down"]
+
+
+def test_oracle_in_pieces_equals_whole(monkeypatch):
+    """The float64 oracle is run in query chunks (global) and row bands with a halo
+    (local) when large; pieces must give exactly the unsplit reference's values."""
+    monkeypatch.setattr(vb, "ORACLE_PIECE_BYTES", 64 * 1024)  # force many pieces
+    for case in (vb.Case("global/t", "global", 13, 17, 8, 3, atrous_rate=2),
+                 vb.Case("local/t", "local", 23, 11, 8, 3, atrous_rate=2, windows=(2, 4, 6)),
+                 vb.Case("local/t1", "local", 19, 9, 4, 4, windows=(1, 3))):
+        inputs = vb.make_inputs(case, seed=1)
+        x64 = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+               for k, v in inputs.items()}
+        whole = vb.OPS[case.op].reference(**x64)
+        pieces = vb.OPS[case.op].oracle(case, inputs)
+        for a, b in zip(whole, pieces):
+            assert a.dtype == b.dtype == torch.float64
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

@@ -1,0 +1,1004 @@
+"""Benchmark harness: fused matching kernels against the naive CFBI reference.
+
+Runs every case of the suite (``../shared/spec/benchmarks.md``) for the fused op
+(``vos_kernels.<op>``: the C++ kernels with backend ``"cpu"`` on CPU, ``"auto"`` on CUDA)
+and for the naive baseline (``vos_kernels.reference.<op>``, CFBI's chunked global
+matching and unfold-based local matching), on the same fresh random inputs, and writes
+to ``--out``:
+
+* ``results.json``: environment (device, torch / triton / CUDA versions, threads, git
+  commit, date), measured ceilings (a large matmul and a large copy), peers, and per case:
+  time (median, IQR, min, max, runs), speedup = reference / fused, peak extra memory of
+  each, achieved GFLOP/s and GB/s, max abs error of fg and bg against the reference run in
+  float64 on float64 copies of the inputs, and ``"OOM"`` / ``"skipped"`` with a reason
+  where the reference cannot run;
+* ``results.md``: the markdown table (also printed at the end);
+* ``speedup_memory.png``: speedup and peak extra memory per case, and the scaling sweep
+  (time and memory vs pixels), log scales.
+
+Method
+------
+Time: one warm-up call (its outputs are the ones checked), then: a call slower than
+``min_run_time / repeats`` is run ``--repeats`` times, once each (the reference takes
+seconds at paper size); a faster one with ``torch.utils.benchmark.Timer``
+(``num_threads`` set explicitly) ``.blocked_autorange(min_run_time)`` on CPU, or blocks
+of calls timed with CUDA events on CUDA. The median and the spread (IQR, min, max) of
+the per-call times are reported.
+
+Memory on CPU: a fresh subprocess per (case, implementation)
+(``python -m vos_kernels.benchmark --_memory-worker SPEC``) warms the op up on a tiny
+input (code pages, thread pools), creates the inputs, resets the peak resident set size
+(``/proc/self/clear_refs``), runs the op once and reports ``peak RSS − RSS before``
+(``VmHWM − VmRSS``). ``getrusage().ru_maxrss`` is the fallback where ``/proc`` is not
+available; it is not the default because on Linux a child's ``ru_maxrss`` starts at its
+parent's peak (kept across fork + exec), and a peak reached while importing torch hides
+any smaller extra. On CUDA: ``torch.cuda.max_memory_allocated()`` after
+``reset_peak_memory_stats()``, minus what was allocated before the call (the inputs).
+
+A reference whose estimated peak exceeds ``--max-reference-gib`` is skipped with the
+reason recorded; a memory error while it runs is recorded as ``"OOM"``. The float64
+oracle is run in pieces of about 8 GiB (query chunks for global matching, row bands with
+a halo of the largest window for local matching), which gives the same values.
+
+Usage::
+
+    python -m vos_kernels.benchmark                      # full suite, CPU
+    python -m vos_kernels.benchmark --quick              # tiny sizes, seconds
+    python -m vos_kernels.benchmark --cases 'global/*' --device cuda
+    python benchmarks/run.py --list
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import fnmatch
+import gc
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from . import reference as _reference
+from ._backend import get_backend, set_backend
+from .matching import fb_global_matching, fb_multi_local_matching
+
+__all__ = ["Case", "OPS", "FULL_CASES", "QUICK_CASES", "implementation", "make_inputs", "main", "run_case",
+           "select_cases"]
+
+MiB = 2**20
+GiB = 2**30
+IGNORE_FRACTION = 0.05   # share of label -1 (ignore) pixels in the random label maps
+BIAS_BG, BIAS_FG = -0.25, 0.25   # CFBI's bias vector [b_B, b_F, b_F, ...]
+ORACLE_PIECE_BYTES = 8 * GiB     # memory budget of one piece of the float64 oracle
+REFERENCE_CHUNKS = 4             # n_chunks of the timed reference (CFBI's default)
+_WORKER_MARK = "VOS_KERNELS_MEMORY_RESULT "
+
+
+# ------------------------------------------------------------------------------- cases
+@dataclass(frozen=True)
+class Case:
+    """One benchmark configuration (batch 1 unless said otherwise).
+
+    ``op`` is ``"global"`` (query ``[B,H,W,C]`` against a reference ``[B,T,Hr,Wr,C]``) or
+    ``"local"`` (query and previous frame ``[B,H,W,C]``, ``windows``). ``sweep`` names the
+    scaling sweep a case belongs to (None for the paper-sized cases); ``scale`` is its
+    factor per side.
+    """
+
+    name: str
+    op: str
+    height: int
+    width: int
+    channels: int
+    num_labels: int
+    atrous_rate: int = 1
+    windows: tuple[int, ...] = ()
+    ref_height: int | None = None
+    ref_width: int | None = None
+    frames: int = 1
+    batch: int = 1
+    sweep: str | None = None
+    scale: int = 1
+
+    @property
+    def ref_hw(self) -> tuple[int, int]:
+        """Reference frame size (global matching); the query size unless given."""
+        return (self.ref_height or self.height, self.ref_width or self.width)
+
+    @property
+    def pixels(self) -> int:
+        """Query pixels per batch element."""
+        return self.height * self.width
+
+    def sizes(self) -> str:
+        """Human-readable sizes for the tables."""
+        hw = f"{self.height}×{self.width}"
+        if self.op == "global":
+            hr, wr = self.ref_hw
+            ref = f"{self.frames}×{hr}×{wr}" if self.frames > 1 else f"{hr}×{wr}"
+            s = f"q {hw}, ref {ref}"
+        else:
+            w = self.windows
+            s = f"{hw}, w {w[0]}..{w[-1]}" if len(w) > 1 else f"{hw}, w {w[0]}"
+        s += f", C {self.channels}, L {self.num_labels}"
+        if self.atrous_rate > 1:
+            s += f", r {self.atrous_rate}"
+        return s + (f", B {self.batch}" if self.batch > 1 else "")
+
+    def shrunk(self, size: int = 8) -> "Case":
+        """The same configuration at a tiny frame size (the memory worker's warm-up)."""
+        return dataclasses.replace(self, height=size, width=size, ref_height=None, ref_width=None)
+
+
+CFBIP_S4_WINDOWS = (4, 8, 12, 16, 20, 24)
+S8_WINDOWS = (2, 4, 6, 8, 10, 12)
+S16_WINDOWS = (2, 4, 6, 8, 10)
+
+
+def _sweep(name: str, base: Case, scales: Sequence[int] = (1, 2, 4)) -> list[Case]:
+    """Scaling sweep: ``base`` with both sides multiplied by each factor."""
+    return [
+        dataclasses.replace(
+            base, name=f"{base.op}/{name}-x{s}", height=base.height * s, width=base.width * s, sweep=name, scale=s
+        )
+        for s in scales
+    ]
+
+
+FULL_CASES: list[Case] = [
+    # Global matching (CFBI+ eq. 2-3, atrous eq. 8-9).
+    Case("global/cfbip-davis-s4-a2", "global", 120, 214, 32, 4, atrous_rate=2),
+    Case("global/cfbip-ytvos-s4-a2", "global", 145, 261, 32, 6, atrous_rate=2),
+    Case("global/cfbi-davis-s4", "global", 120, 214, 100, 4),
+    Case("global/cfbip-s8", "global", 60, 107, 64, 4),
+    Case("global/cfbip-s16", "global", 30, 54, 128, 4),
+    # Multi-local matching (CFBI+ eq. 4-7, 10-12).
+    Case("local/cfbip-davis-s4-a2", "local", 120, 214, 32, 4, atrous_rate=2, windows=CFBIP_S4_WINDOWS),
+    Case("local/cfbip-ytvos-s4-a2", "local", 145, 261, 32, 6, atrous_rate=2, windows=CFBIP_S4_WINDOWS),
+    Case("local/cfbip-s8", "local", 60, 107, 64, 4, windows=S8_WINDOWS),
+    Case("local/cfbip-s16", "local", 30, 54, 128, 4, windows=S16_WINDOWS),
+    Case("local/cfbi-s8-down", "local", 61, 108, 100, 4, windows=S8_WINDOWS),
+    # Scaling sweeps: 60×107 → 120×214 → 240×428.
+    *_sweep("sweep-a2-c32", Case("", "global", 60, 107, 32, 4, atrous_rate=2)),
+    *_sweep("sweep-a2-c32", Case("", "local", 60, 107, 32, 4, atrous_rate=2, windows=CFBIP_S4_WINDOWS)),
+]
+
+QUICK_CASES: list[Case] = [
+    *_sweep("quick-a2", Case("", "global", 20, 30, 16, 3, atrous_rate=2), scales=(1, 2)),
+    Case("local/quick-a2", "local", 20, 30, 16, 3, atrous_rate=2, windows=(2, 4, 6), sweep="quick-a2"),
+]
+
+
+def select_cases(cases: Sequence[Case], patterns: str | None) -> list[Case]:
+    """Cases whose name matches one of the comma-separated ``patterns``: a glob
+    (``*``, ``?``, ``[``) matches the whole name, anything else is a substring."""
+    if not patterns:
+        return list(cases)
+    pats = [p.strip() for p in patterns.split(",") if p.strip()]
+
+    def hit(name: str, pat: str) -> bool:
+        return fnmatch.fnmatchcase(name, pat) if any(ch in pat for ch in "*?[") else pat in name
+
+    return [c for c in cases if any(hit(c.name, p) for p in pats)]
+
+
+# ------------------------------------------------------------------------ op table
+def _seed(case: Case, base_seed: int) -> int:
+    """A fixed seed per case name: fresh inputs per case, reproducible run to run."""
+    return (zlib.crc32(case.name.encode()) + base_seed) % 2**31
+
+
+def _embedding(gen: torch.Generator, shape: Sequence[int]) -> torch.Tensor:
+    """N(0, 1/C) embeddings: squared distances of order 1, so fg is not saturated at 1."""
+    return torch.randn(*shape, generator=gen).mul_(1.0 / math.sqrt(shape[-1]))
+
+
+def _labels(gen: torch.Generator, shape: Sequence[int], num_labels: int) -> torch.Tensor:
+    """Uniform labels 0..L-1 with IGNORE_FRACTION of -1 (ignore) pixels, int64."""
+    lab = torch.randint(0, num_labels, tuple(shape), generator=gen)
+    return lab.masked_fill_(torch.rand(tuple(shape), generator=gen) < IGNORE_FRACTION, -1)
+
+
+def _bias(num_labels: int) -> torch.Tensor:
+    return torch.tensor([BIAS_BG] + [BIAS_FG] * (num_labels - 1))
+
+
+def _global_inputs(case: Case, gen: torch.Generator) -> dict:
+    B, T, C = case.batch, case.frames, case.channels
+    hr, wr = case.ref_hw
+    return dict(
+        query=_embedding(gen, (B, case.height, case.width, C)),
+        reference=_embedding(gen, (B, T, hr, wr, C)),
+        reference_labels=_labels(gen, (B, T, hr, wr), case.num_labels),
+        num_labels=case.num_labels,
+        bias=_bias(case.num_labels),
+        atrous_rate=case.atrous_rate,
+    )
+
+
+def _local_inputs(case: Case, gen: torch.Generator) -> dict:
+    B, H, W, C = case.batch, case.height, case.width, case.channels
+    return dict(
+        query=_embedding(gen, (B, H, W, C)),
+        previous=_embedding(gen, (B, H, W, C)),
+        previous_labels=_labels(gen, (B, H, W), case.num_labels),
+        num_labels=case.num_labels,
+        windows=list(case.windows),
+        bias=_bias(case.num_labels),
+        atrous_rate=case.atrous_rate,
+    )
+
+
+def _global_candidates(case: Case, inputs: dict | None = None) -> int:
+    """Reference pixels on the atrous grid (labelled ones when ``inputs`` are given)."""
+    r = case.atrous_rate
+    if inputs is not None:
+        return int((inputs["reference_labels"][..., ::r, ::r] >= 0).sum())
+    hr, wr = case.ref_hw
+    return case.batch * case.frames * -(-hr // r) * -(-wr // r)
+
+
+def _local_offsets(case: Case) -> int:
+    """Offsets of the largest window on the atrous grid: (2·⌊D/r⌋ + 1)²."""
+    return (2 * (max(case.windows) // case.atrous_rate) + 1) ** 2
+
+
+def _global_flops(case: Case, inputs: dict) -> float:
+    """2·Nq·Nr·C with Nr the candidate (labelled, atrous-grid) reference pixels."""
+    return 2.0 * case.pixels * _global_candidates(case, inputs) * case.channels
+
+
+def _local_flops(case: Case, inputs: dict) -> float:
+    """2·HW·(2k/r+1)²·C for the largest window k (benchmarks.md)."""
+    return 2.0 * case.batch * case.pixels * _local_offsets(case) * case.channels
+
+
+def _global_bytes(case: Case) -> float:
+    """Each input read once, fg / bg (f32) and the argmin index (i64) written once."""
+    hr, wr = case.ref_hw
+    nr = case.batch * case.frames * hr * wr
+    nq = case.batch * case.pixels
+    return 4.0 * (nq + nr) * case.channels + 8.0 * nr + 16.0 * case.num_labels * nq
+
+
+def _local_bytes(case: Case) -> float:
+    """Query and previous read once, labels once, fg / bg / index written once."""
+    n = case.batch * case.pixels
+    return 8.0 * n * case.channels + 8.0 * n + 16.0 * case.num_labels * len(case.windows) * n
+
+
+def _global_reference_peak(case: Case, elem: int, n_chunks: int = REFERENCE_CHUNKS) -> float:
+    """Estimated extra peak of the reference: the ``[m, L, N]`` masked distances plus
+    ~3 ``[m, N]`` temporaries per chunk of m = ⌈Nq / n_chunks⌉ queries (within a few % of
+    the measured peak)."""
+    m = -(-case.pixels // n_chunks)
+    n = _global_candidates(case) // case.batch
+    return float(elem) * m * n * (case.num_labels + 3)
+
+
+def _local_reference_peak(case: Case, elem: int, rows: int | None = None) -> float:
+    """Estimated extra peak of the reference: the unfolded ``[HW, C, S]`` previous frame
+    plus ~3 ``[HW, S, L]`` mask / distance tensors and ~3 ``[HW, S]`` ones, S = offsets of
+    the largest window (within a few % of the measured peak); ``rows`` = a band of that
+    many rows."""
+    hw = (rows or case.height) * case.width
+    return float(elem) * hw * _local_offsets(case) * (case.channels + 3 * case.num_labels + 3)
+
+
+def _global_oracle(case: Case, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference fg / bg in float64, the queries in chunks of at most ORACLE_PIECE_BYTES."""
+    n_chunks = max(REFERENCE_CHUNKS, math.ceil(_global_reference_peak(case, 8, 1) / ORACLE_PIECE_BYTES))
+    n_chunks = min(n_chunks, case.pixels)
+    return _reference.fb_global_matching(**_as_float64(inputs), n_chunks=n_chunks)
+
+
+def _local_oracle(case: Case, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference fg / bg in float64, in row bands with a halo of the largest window
+    (exact: a query pixel only sees previous pixels within the window; frame edges stay
+    edges), each of about ORACLE_PIECE_BYTES; a band is at least twice the halo, so the
+    halos at most double the work."""
+    x = _as_float64(inputs)
+    H, halo = case.height, max(case.windows)
+    per_row = _local_reference_peak(case, 8, 1)
+    band = max(2 * halo, int(ORACLE_PIECE_BYTES // per_row) - 2 * halo)
+    if band >= H:
+        return _reference.fb_multi_local_matching(**x)
+    fgs, bgs = [], []
+    for y0 in range(0, H, band):
+        y1 = min(H, y0 + band)
+        lo, hi = max(0, y0 - halo), min(H, y1 + halo)
+        piece = dict(x, query=x["query"][:, lo:hi], previous=x["previous"][:, lo:hi],
+                     previous_labels=x["previous_labels"][:, lo:hi])
+        fg, bg = _reference.fb_multi_local_matching(**piece)
+        fgs.append(fg[..., y0 - lo:y1 - lo, :])
+        bgs.append(bg[..., y0 - lo:y1 - lo, :])
+    return torch.cat(fgs, -2), torch.cat(bgs, -2)
+
+
+@dataclass(frozen=True)
+class Op:
+    """What the harness needs to know about one matching op."""
+
+    fused: Callable
+    reference: Callable
+    make_inputs: Callable[[Case, torch.Generator], dict]
+    flops: Callable[[Case, dict], float]
+    bytes_moved: Callable[[Case], float]
+    reference_peak: Callable[[Case, int], float]
+    oracle: Callable[[Case, dict], tuple]
+
+
+OPS: dict[str, Op] = {
+    "global": Op(fb_global_matching, _reference.fb_global_matching, _global_inputs, _global_flops,
+                 _global_bytes, _global_reference_peak, _global_oracle),
+    "local": Op(fb_multi_local_matching, _reference.fb_multi_local_matching, _local_inputs, _local_flops,
+                _local_bytes, _local_reference_peak, _local_oracle),
+}
+
+
+def _as_float64(inputs: dict) -> dict:
+    return {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs.items()}
+
+
+def make_inputs(case: Case, seed: int = 0, device: str | torch.device = "cpu") -> dict:
+    """The keyword arguments of ``case``'s op (fused and reference take the same ones):
+    random embeddings, labels with ignore pixels, bias ``[b_B, b_F, …]``, on ``device``."""
+    gen = torch.Generator().manual_seed(_seed(case, seed))
+    inputs = OPS[case.op].make_inputs(case, gen)
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def fused_backend(device: torch.device) -> str:
+    """The backend the fused side runs: the C++ kernels on CPU, the fastest on CUDA."""
+    return "cpu" if device.type == "cpu" else "auto"
+
+
+class _Backend:
+    """Context manager: ``set_backend(name)`` inside, the previous choice restored after."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self):
+        self.before = get_backend()
+        set_backend(self.name)
+
+    def __exit__(self, *exc):
+        set_backend(self.before)
+
+
+def implementation(case: Case, which: str, device: torch.device) -> Callable[..., tuple]:
+    """``fn(**inputs) -> (fg, bg)`` for ``which`` in {"fused", "reference"}."""
+    op = OPS[case.op]
+    if which == "reference":
+        return op.reference
+    backend = fused_backend(device)
+
+    def fused(**inputs):
+        with _Backend(backend):
+            return op.fused(**inputs)
+
+    return fused
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    msg = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg
+                                              or "not enough memory" in msg or "failed to allocate" in msg)
+
+
+# -------------------------------------------------------------------------- timing
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cuda_block(fn: Callable[[], object], number: int, device: torch.device) -> float:
+    """Mean seconds per call of ``number`` back-to-back calls, timed with CUDA events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(number):
+        fn()
+    end.record()
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end) / 1e3 / number
+
+
+def time_call(fn: Callable[[], object], device: torch.device, threads: int, repeats: int,
+              min_run_time: float) -> dict:
+    """Median and spread of the per-call time of ``fn()`` (already warmed up).
+
+    A call slower than ``min_run_time / repeats`` is run ``repeats`` times, one call per
+    sample (``torch.utils.benchmark.Timer.timeit`` would add two warm-up calls per sample,
+    seconds each for the reference at paper size). A faster one: on CPU
+    ``Timer(num_threads=threads).blocked_autorange(min_run_time)``; on CUDA blocks of
+    back-to-back calls timed with CUDA events, about ``min_run_time`` seconds in all.
+    """
+    if device.type == "cpu":
+        torch.set_num_threads(threads)
+
+    def once() -> float:
+        if device.type == "cuda":
+            return _cuda_block(fn, 1, device)
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    first = once()
+    if first * repeats >= min_run_time:
+        times, number = [first] + [once() for _ in range(repeats - 1)], 1
+    elif device.type == "cuda":
+        number = max(1, int(min_run_time / (10 * first)))
+        times = [_cuda_block(fn, number, device) for _ in range(max(repeats, 10))]
+    else:
+        from torch.utils.benchmark import Timer
+
+        timer = Timer("fn()", globals={"fn": fn}, num_threads=threads)
+        times = []
+        while len(times) < repeats:  # blocked_autorange can return fewer blocks when calls slow down
+            m = timer.blocked_autorange(min_run_time=min_run_time)
+            times, number = times + list(m.times), m.number_per_run
+    ts = torch.tensor(times, dtype=torch.float64)
+    q = torch.quantile(ts, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)).tolist()
+    return dict(median_ms=q[1] * 1e3, iqr_ms=(q[2] - q[0]) * 1e3, min_ms=min(times) * 1e3,
+                max_ms=max(times) * 1e3, runs=len(times), calls_per_run=number)
+
+
+def measure_ceilings(device: torch.device, threads: int, quick: bool) -> dict:
+    """The device's measured matmul FLOP rate and copy bandwidth (roofline ceilings)."""
+    n = 512 if quick else (8192 if device.type == "cuda" else 2048)
+    nbytes = (16 if quick else (1024 if device.type == "cuda" else 256)) * MiB
+    a = torch.randn(n, n, device=device)
+    src = torch.empty(nbytes // 4, device=device).normal_()
+    dst = torch.empty_like(src)
+    run_time = 0.05 if quick else 0.5
+    mm = time_call(lambda: torch.matmul(a, a), device, threads, 3, run_time)
+    cp = time_call(lambda: dst.copy_(src), device, threads, 3, run_time)
+    out = dict(
+        matmul=dict(n=n, dtype="float32", gflops=2.0 * n**3 / (mm["median_ms"] / 1e3) / 1e9),
+        copy=dict(bytes=nbytes, gbytes_per_s=2.0 * nbytes / (cp["median_ms"] / 1e3) / 1e9),
+    )
+    if device.type == "cuda":
+        out["matmul"]["allow_tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
+    return out
+
+
+# -------------------------------------------------------------------------- memory
+def _proc_status() -> dict[str, int] | None:
+    """VmRSS and VmHWM of this process in bytes (Linux), or None."""
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM")}
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux ``clear_refs`` 5); False if not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    status = _proc_status()
+    return status is not None and status["VmHWM"] <= status["VmRSS"] + 64 * 1024
+
+
+def _ru_maxrss() -> int:
+    """Peak RSS in bytes from getrusage (KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def _memory_worker(spec: dict) -> dict:
+    """Body of the fresh subprocess: peak extra RSS of one call of one implementation."""
+    case = Case(**{**spec["case"], "windows": tuple(spec["case"]["windows"])})
+    device = torch.device("cpu")
+    torch.set_num_threads(spec["threads"])
+    fn = implementation(case, spec["impl"], device)
+    fn(**make_inputs(case.shrunk(), spec["seed"]))   # load code pages and thread pools
+    inputs = make_inputs(case, spec["seed"])
+    gc.collect()
+    exact = _reset_peak_rss()
+    before = _proc_status() if exact else None
+    ru_before = _ru_maxrss()
+    status = "ok"
+    try:
+        out = fn(**inputs)
+        del out
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        if not _is_oom(exc):
+            raise
+        status = "OOM"
+    if exact:
+        base, peak, method = before["VmRSS"], _proc_status()["VmHWM"], "VmHWM - VmRSS (clear_refs reset)"
+    else:
+        base, peak, method = ru_before, _ru_maxrss(), "ru_maxrss difference"
+    return dict(status=status, extra_bytes=max(0, int(peak - base)), baseline_bytes=int(base),
+                peak_bytes=int(peak), method=method)
+
+
+def _package_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def measure_memory_cpu(case: Case, which: str, seed: int, threads: int, timeout: float | None = 3600) -> dict:
+    """Peak extra RSS of one call, in a fresh ``python -m vos_kernels.benchmark`` process."""
+    spec = dict(case=dataclasses.asdict(case), impl=which, seed=seed, threads=threads)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (_package_root(), env.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, "-m", "vos_kernels.benchmark", "--_memory-worker", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return dict(status="error", reason=f"memory worker timed out after {timeout} s")
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(_WORKER_MARK):
+            return json.loads(line[len(_WORKER_MARK):])
+    if proc.returncode in (-9, 137):
+        return dict(status="OOM", reason="memory worker killed (SIGKILL, likely the OOM killer)")
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return dict(status="error", reason=f"memory worker exit {proc.returncode}: " + " | ".join(tail))
+
+
+def measure_memory_cuda(fn: Callable[[], object], device: torch.device) -> dict:
+    """``max_memory_allocated`` during one call minus what was allocated before it."""
+    _sync(device)
+    gc.collect()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = fn()
+    _sync(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    del out
+    return dict(status="ok", extra_bytes=max(0, int(peak - base)), baseline_bytes=int(base),
+                peak_bytes=int(peak), method="torch.cuda.max_memory_allocated - memory_allocated")
+
+
+# ---------------------------------------------------------------------------- a case
+@dataclass
+class Settings:
+    """Options of a run (from the command line)."""
+
+    device: torch.device
+    threads: int
+    repeats: int
+    min_run_time: float
+    seed: int
+    max_reference_bytes: float
+    memory: bool
+    reference_error: bool
+    ceilings: dict | None = None
+
+
+def _max_error(out: Sequence[torch.Tensor], oracle: Sequence[torch.Tensor]) -> dict:
+    errs = {name: float((o.double().cpu() - e.cpu()).abs().max()) if o.numel() else 0.0
+            for name, o, e in zip(("fg", "bg"), out, oracle)}
+    errs["max"] = max(errs.values())
+    return errs
+
+
+def _run_impl(case: Case, which: str, inputs: dict, s: Settings) -> tuple[dict, tuple | None]:
+    """Warm up (keeping the outputs), time, and measure the memory of one implementation."""
+    op = OPS[case.op]
+    fn = implementation(case, which, s.device)
+    res: dict = dict(status="ok")
+    if which == "fused":
+        res["backend"] = fused_backend(s.device)
+    else:
+        est = op.reference_peak(case, 4)
+        res["estimated_peak_bytes"] = int(est)
+        if est > s.max_reference_bytes:
+            res.update(status="skipped", reason=f"estimated peak {est / GiB:.1f} GiB > "
+                       f"--max-reference-gib {s.max_reference_bytes / GiB:g}")
+            return res, None
+    call = lambda: fn(**inputs)  # noqa: E731
+    try:
+        out = call()
+        _sync(s.device)
+    except Exception as exc:  # noqa: BLE001 - recorded in the results; the suite goes on
+        first_line = (str(exc).splitlines() or [""])[0][:300]
+        res.update(status="OOM" if _is_oom(exc) else "error", reason=f"{type(exc).__name__}: {first_line}")
+        if s.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return res, None
+    out = tuple(t.detach() for t in out[:2])
+    if s.memory:
+        if s.device.type == "cuda":
+            res["memory"] = measure_memory_cuda(call, s.device)
+        else:
+            res["memory"] = measure_memory_cpu(case, which, s.seed, s.threads)
+    res["time"] = time_call(call, s.device, s.threads, s.repeats, s.min_run_time)
+    seconds = res["time"]["median_ms"] / 1e3
+    res["gflops"] = op.flops(case, inputs) / seconds / 1e9
+    res["gbytes_per_s"] = op.bytes_moved(case) / seconds / 1e9
+    if s.ceilings:
+        res["pct_matmul"] = 100.0 * res["gflops"] / s.ceilings["matmul"]["gflops"]
+        res["pct_copy"] = 100.0 * res["gbytes_per_s"] / s.ceilings["copy"]["gbytes_per_s"]
+    return res, out
+
+
+def run_case(case: Case, s: Settings) -> dict:
+    """Every figure of one case (see the module doc); never raises on OOM."""
+    op = OPS[case.op]
+    inputs = make_inputs(case, s.seed, s.device)
+    record: dict = dict(
+        name=case.name, op=case.op, sweep=case.sweep, scale=case.scale, sizes=case.sizes(),
+        config=dataclasses.asdict(case), pixels=case.pixels, seed=_seed(case, s.seed),
+        flops=op.flops(case, inputs), bytes=op.bytes_moved(case),
+    )
+    if case.op == "global":
+        record["reference_candidates"] = _global_candidates(case, inputs)
+    outs = {}
+    for which in ("fused", "reference"):
+        record[which], outs[which] = _run_impl(case, which, inputs, s)
+    if s.reference_error and any(o is not None for o in outs.values()):
+        record["oracle"] = "vos_kernels.reference in float64 on float64 copies of the inputs"
+        try:
+            oracle = op.oracle(case, inputs)
+        except Exception as exc:  # noqa: BLE001 - recorded; the timings stand
+            record["oracle_error"] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+        else:
+            for which in ("fused", "reference"):
+                if outs[which] is not None:
+                    record[which]["max_abs_error"] = _max_error(outs[which], oracle)
+            del oracle
+    fused, ref = record["fused"], record["reference"]
+    both_timed = "time" in ref and "time" in fused
+    record["speedup"] = ref["time"]["median_ms"] / fused["time"]["median_ms"] if both_timed else None
+    fm, rm = fused.get("memory", {}), ref.get("memory", {})
+    record["memory_ratio_pct"] = (100.0 * fm["extra_bytes"] / rm["extra_bytes"]
+                                  if fm.get("status") == "ok" and rm.get("status") == "ok" and rm["extra_bytes"]
+                                  else None)
+    record["max_abs_error"] = fused.get("max_abs_error", {}).get("max")
+    return record
+
+
+# ----------------------------------------------------------------------- environment
+def device_slug(device: torch.device, threads: int) -> str:
+    """``cpu-<threads>core`` or the CUDA device name, lower-case, dashes."""
+    if device.type == "cuda":
+        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+    return f"cpu-{threads}core"
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=_package_root(), capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _load_average() -> list[float] | None:
+    """1, 5 and 15 minute load averages (other work on the machine skews CPU timings)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def environment(device: torch.device, threads: int) -> dict:
+    """Device, versions, threads, git commit and date of this run."""
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    env = dict(
+        device=device.type,
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        cpu_count=os.cpu_count(),
+        threads=threads,
+        torch=torch.__version__,
+        triton=_version("triton") or "not installed",
+        cuda=torch.version.cuda,
+        vos_kernels=_version("vos_kernels") or "in-place build",
+        python=platform.python_version(),
+        platform=platform.platform(),
+        git_commit=_git("rev-parse", "HEAD") or "unknown",
+        git_dirty=bool(status) if status is not None else None,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        load_average_at_start=_load_average(),
+    )
+    if device.type == "cuda":
+        env["cuda_capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+    return env
+
+
+PEERS = {
+    "pykeops": "KeOps (per-label min via a masked Min reduction)",
+    "spatial_correlation_sampler": "spatial-correlation-sampler (local correlation only)",
+}
+
+
+def peers() -> dict:
+    """Optional peers: 'not installed' when missing (this harness does not time them)."""
+    out = {}
+    for module, what in PEERS.items():
+        if importlib.util.find_spec(module) is None:
+            out[module] = dict(status="not installed", what=what)
+        else:
+            out[module] = dict(status="installed, not benchmarked by this harness", what=what,
+                               version=_version(module.replace("_", "-")) or _version(module))
+    return out
+
+
+# --------------------------------------------------------------------------- reports
+def _fmt_ms(impl: dict) -> str:
+    if "time" not in impl:
+        return impl.get("status", "-")
+    t = impl["time"]
+    return f"{_sig(t['median_ms'])} ± {_sig(t['iqr_ms'] / 2, 2)}"
+
+
+def _sig(x: float, digits: int = 3) -> str:
+    """``x`` to about ``digits`` significant digits, without an exponent."""
+    if x == 0 or not math.isfinite(x):
+        return f"{x:g}"
+    return f"{x:.{max(0, digits - 1 - math.floor(math.log10(abs(x))))}f}"
+
+
+def _fmt_mib(impl: dict) -> str:
+    mem = impl.get("memory")
+    if impl.get("status") != "ok":
+        return impl.get("status", "-")
+    if not mem or mem.get("status") != "ok":
+        return (mem or {}).get("status", "-")
+    return _sig(mem["extra_bytes"] / MiB)
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else _sig(x)
+
+
+def markdown(results: dict) -> str:
+    """The results table (with the run's environment and footnotes)."""
+    env = results["environment"]
+    head = (f"Device: {env['device_name']} ({env['device']}, {env['threads']} threads), torch {env['torch']}, "
+            f"triton {env['triton']}, commit {env['git_commit'][:12]}{' (dirty)' if env.get('git_dirty') else ''}, "
+            f"{env['date']}.")
+    rows = ["| case | sizes | fused ms | reference ms | speedup | fused extra MiB | reference extra MiB "
+            "| memory ratio % | max error |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for c in results["cases"]:
+        f, r = c["fused"], c["reference"]
+        rows.append(" | ".join([
+            f"| {c['name']}", c["sizes"], _fmt_ms(f), _fmt_ms(r), _fmt(c["speedup"]),
+            _fmt_mib(f), _fmt_mib(r), _fmt(c["memory_ratio_pct"]),
+            ("-" if c["max_abs_error"] is None else f"{c['max_abs_error']:.1e}") + " |",
+        ]))
+    notes = [
+        "ms: median ± half the interquartile range of the per-call times; speedup = reference / fused "
+        "(medians); extra MiB: peak memory above the inputs during one call "
+        + ("(fresh process per case and implementation, peak RSS)" if env["device"] == "cpu"
+           else "(torch.cuda.max_memory_allocated)")
+        + "; memory ratio = fused / reference; max error: max |fused − reference in float64| over fg and bg.",
+        "skipped: the reference's estimated peak exceeds the limit; OOM: it ran out of memory.",
+    ]
+    skipped = [f"- {c['name']}: {c['reference']['reason']}" for c in results["cases"] if c["reference"].get("reason")]
+    return "\n".join([head, "", *rows, "", *notes, *(["", *skipped] if skipped else [])]) + "\n"
+
+
+def plot(results: dict, path: str) -> None:
+    """speedup_memory.png: per-case speedup and extra memory (bars), and the scaling sweep
+    (time and extra memory vs query pixels, per op and implementation), log scales."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    cases = results["cases"]
+    floor = 1e-3  # MiB: values below (e.g. 0 bytes above the inputs) are drawn at the floor
+
+    def mib(c: dict, which: str) -> float | None:
+        mem = c[which].get("memory") or {}
+        return max(mem["extra_bytes"] / MiB, floor) if mem.get("status") == "ok" else None
+
+    fig, axes = plt.subplots(2, 2, figsize=(14, 10))
+    names = [c["name"] for c in cases]
+    x = list(range(len(cases)))
+    ax = axes[0][0]
+    speed = [c["speedup"] or 0 for c in cases]
+    ax.bar(x, [s if s > 0 else float("nan") for s in speed], color="tab:green")
+    for i, c in enumerate(cases):
+        if not c["speedup"]:
+            ax.annotate(c["reference"].get("status", "-"), (i, 1), ha="center", fontsize=7, rotation=90)
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_ylabel("speedup (reference / fused)")
+    ax.set_title("Speedup of the fused kernel")
+    ax = axes[0][1]
+    for k, (which, color) in enumerate((("fused", "tab:blue"), ("reference", "tab:red"))):
+        vals = [mib(c, which) for c in cases]
+        ax.bar([i + (k - 0.5) * 0.4 for i in x], [v if v else float("nan") for v in vals], width=0.4,
+               color=color, label=which)
+        for i, v in enumerate(vals):
+            if v is None:
+                ax.annotate(cases[i][which].get("status", "-"), (i + (k - 0.5) * 0.4, floor), ha="center",
+                            fontsize=7, rotation=90)
+    ax.set_yscale("log")
+    ax.set_ylabel("peak extra memory (MiB; < 1 KiB drawn at 1 KiB)")
+    ax.set_title("Peak memory above the inputs")
+    ax.legend()
+    for ax in axes[0]:
+        ax.set_xticks(x)
+        ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+
+    sweeps = sorted({(c["op"], c["sweep"]) for c in cases if c["sweep"]})
+    panels = ((axes[1][0], "time", "time per call (ms)"), (axes[1][1], "memory", "peak extra memory (MiB)"))
+    for ax, metric, label in panels:
+        for op, sweep in sweeps:
+            group = sorted((c for c in cases if c["op"] == op and c["sweep"] == sweep), key=lambda c: c["pixels"])
+            for which, style in (("fused", "-o"), ("reference", "--s")):
+                pts = [(c["pixels"], c[which]["time"]["median_ms"] if metric == "time" and "time" in c[which]
+                        else (mib(c, which) if metric == "memory" else None)) for c in group]
+                pts = [(p, v) for p, v in pts if v]
+                if pts:
+                    ax.plot(*zip(*pts), style, label=f"{op} {which} ({sweep})")
+        if ax.get_lines():
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no scaling sweep data in this run", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlabel("query pixels")
+        ax.set_ylabel(label)
+        ax.set_title(f"Scaling sweep: {metric}")
+    env = results["environment"]
+    fig.suptitle(f"vos_kernels matching: fused vs reference — {env['device_name']}, {env['threads']} threads, "
+                 f"torch {env['torch']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _json_safe(x):
+    """NaN / inf → strings, so that results.json is strict JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def _progress(i: int, n: int, c: dict, seconds: float) -> str:
+    f, r = c["fused"], c["reference"]
+    def ms(impl: dict) -> str:
+        return f"{_fmt_ms(impl)} ms" if "time" in impl else impl.get("status", "-")
+
+    parts = [f"[{i}/{n}] {c['name']}: fused {ms(f)}"]
+    parts.append(f"reference {ms(r)}" + (f" ({_sig(c['speedup'])}x)" if c["speedup"] else ""))
+    parts.append(f"extra MiB {_fmt_mib(f)} / {_fmt_mib(r)}")
+    if c["max_abs_error"] is not None:
+        parts.append(f"max err {c['max_abs_error']:.1e}")
+    if f.get("gflops"):
+        parts.append(f"{_sig(f['gflops'])} GFLOP/s")
+    return ", ".join(parts) + f"  [{seconds:.1f} s]"
+
+
+# ------------------------------------------------------------------------------ main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m vos_kernels.benchmark", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke run, seconds)")
+    p.add_argument("--cases", metavar="PATTERN", help="comma-separated substrings or globs of case names")
+    p.add_argument("--list", action="store_true", help="list the selected cases and exit")
+    p.add_argument("--out", metavar="DIR", help="output folder (default benchmarks/results/<device-slug>)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads (default: all cores)")
+    p.add_argument("--repeats", type=int, default=3, help="minimum timed runs per implementation (default 3)")
+    p.add_argument("--min-run-time", type=float, default=None,
+                   help="seconds of timed calls for fast ops (default 1.0; 0.05 with --quick)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-reference-gib", type=float, default=16.0,
+                   help="skip the reference where its estimated peak exceeds this (default 16)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    p.add_argument("--no-reference-error", action="store_true", help="skip the float64 error check")
+    p.add_argument("--_memory-worker", dest="memory_worker", metavar="SPEC", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    if args.memory_worker:
+        print(_WORKER_MARK + json.dumps(_memory_worker(json.loads(args.memory_worker))), flush=True)
+        return 0
+    cases = select_cases(QUICK_CASES if args.quick else FULL_CASES, args.cases)
+    if args.list:
+        for c in cases:
+            est = OPS[c.op].reference_peak(c, 4) / GiB
+            skip = " (skipped: > --max-reference-gib)" if est * GiB > args.max_reference_gib * GiB else ""
+            print(f"{c.name:28s} {c.sizes():42s} reference peak ≈ {est:.2g} GiB{skip}")
+        return 0
+    if not cases:
+        print(f"no case matches {args.cases!r}; --list shows them", file=sys.stderr)
+        return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device is available", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    threads = max(1, args.threads or 1)
+    torch.set_num_threads(threads)
+    out_dir = args.out or os.path.join("benchmarks", "results", device_slug(device, threads))
+    os.makedirs(out_dir, exist_ok=True)
+
+    s = Settings(device=device, threads=threads, repeats=max(1, args.repeats),
+                 min_run_time=args.min_run_time if args.min_run_time is not None else (0.05 if args.quick else 1.0),
+                 seed=args.seed, max_reference_bytes=args.max_reference_gib * GiB, memory=not args.no_memory,
+                 reference_error=not args.no_reference_error)
+    results = dict(schema=1, environment=environment(device, threads),
+                   settings=dict(quick=args.quick, cases=args.cases, repeats=s.repeats, min_run_time=s.min_run_time,
+                                 seed=s.seed, max_reference_gib=args.max_reference_gib, memory=s.memory,
+                                 reference_error=s.reference_error, ignore_fraction=IGNORE_FRACTION,
+                                 bias=[BIAS_BG, BIAS_FG], reference_n_chunks=REFERENCE_CHUNKS),
+                   peers=peers(), ceilings=None, cases=[])
+    print(f"vos_kernels benchmark: {len(cases)} case(s) on {results['environment']['device_name']}, "
+          f"{threads} thread(s) -> {out_dir}", flush=True)
+    load = results["environment"]["load_average_at_start"]
+    if device.type == "cpu" and load and load[0] > 0.5:
+        print(f"warning: load average {load[0]} before the run: other processes share the cores, "
+              "CPU timings will be noisy", flush=True)
+    s.ceilings = results["ceilings"] = measure_ceilings(device, threads, args.quick)
+    print(f"ceilings: matmul {s.ceilings['matmul']['gflops']:.4g} GFLOP/s, "
+          f"copy {s.ceilings['copy']['gbytes_per_s']:.4g} GB/s", flush=True)
+    for i, case in enumerate(cases, 1):
+        t0 = time.perf_counter()
+        print(f"[{i}/{len(cases)}] {case.name} ({case.sizes()}) ...", flush=True)
+        record = run_case(case, s)
+        results["cases"].append(record)
+        print(_progress(i, len(cases), record, time.perf_counter() - t0), flush=True)
+        gc.collect()
+
+    results["environment"]["load_average_at_end"] = _load_average()
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(_json_safe(results), f, indent=2, allow_nan=False)
+    table = markdown(results)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(table)
+    plot(results, os.path.join(out_dir, "speedup_memory.png"))
+    print()
+    print(table)
+    print(f"wrote {out_dir}/results.json, results.md, speedup_memory.png")
+    errors = [c["name"] for c in results["cases"] if "error" in (c["fused"]["status"], c["reference"]["status"])]
+    if errors:
+        print(f"errors (see results.json): {', '.join(errors)}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
