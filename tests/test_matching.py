@@ -168,6 +168,23 @@ def test_global_nan_propagates(gen):
     assert not torch.isnan(bg[0, 1][others]).any()
 
 
+def test_global_overflowing_distances_are_not_silently_dropped(gen):
+    """|q|^2 + |r|^2 overflows float32 here: the answer must be the oracle's or NaN, never
+    a finite minimum taken over the other pixels."""
+    q = rand(gen, 1, 2, 3, 1)
+    r = rand(gen, 1, 1, 2, 8, 1)
+    q[0, 0, 0, 0] = 1.5e19
+    r[0, 0, 1, 5, 0] = 1.5e19  # the exact match of the huge query pixel
+    lab = torch.zeros(1, 1, 2, 8, dtype=torch.long)
+    sq, idx = vos_kernels.labelled_nearest_sqdist(q, r, lab, 1)
+    got = sq[0, 0, 0, 0]
+    assert torch.isnan(got) or (got == 0 and idx[0, 0, 0, 0] == 13)
+    sq_o, _ = oracle.nearest(q, r, lab, 1)
+    rest = torch.ones(2, 3, dtype=torch.bool)
+    rest[0, 0] = False
+    torch.testing.assert_close(sq[0, 0][rest].double(), sq_o[0, 0][rest], atol=ATOL, rtol=1e-5)
+
+
 def test_global_int32_labels_and_float64(gen):
     q, r = rand(gen, 1, 4, 4, 3, dtype=torch.float64), rand(gen, 1, 4, 4, 3, dtype=torch.float64)
     lab = labels(gen, 3, 1, 4, 4).to(torch.int32)

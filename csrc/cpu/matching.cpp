@@ -138,27 +138,37 @@ struct ChunkArgs {
   int64_t* best_index;    // [m]
 };
 
+// Whether squared norms are small enough (<= max/4, which NaN and inf fail) that the
+// expansion |q|^2 + |r|^2 - 2 q.r cannot overflow.
+template <typename T>
+inline bool norms_safe(const T* v, int64_t n) {
+  constexpr T kSafe = std::numeric_limits<T>::max() / T(4);
+  bool ok = true;
+  for (int64_t j = 0; j < n; ++j) ok &= v[j] <= kSafe;
+  return ok;
+}
+
 // d = |q|^2 + |r|^2 - 2 q.r, clamped at 0, folded into the running minimum with the
 // update rule of `improves`.
 //
-// Fast path (finite norms, so no distance can be NaN): kLanes independent running
+// Fast path (every squared norm <= max/4, so that no partial sum, |q|^2 + |r|^2 or 2 q.r
+// can overflow and no distance can be NaN): kLanes independent running
 // (min, first index) pairs over j = u mod kLanes, which the compiler turns into SIMD
 // compares and blends; the lanes are then merged by (value, index). Same result as a
-// sequential scan with strict '<'. Rows or chunks with a non-finite norm take the
-// sequential scan, where NaN is sticky (first NaN's index).
+// sequential scan with strict '<'. Rows or chunks with a larger or non-finite norm take
+// the sequential scan, where NaN is sticky (first NaN's index).
 template <typename T>
 __attribute__((always_inline)) inline void fold_rows_impl(const ChunkArgs<T>& a, int64_t r0,
                                                           int64_t r1) {
   constexpr int kLanes = 16;
   const int64_t n = a.n;
-  bool cols_finite = true;
-  for (int64_t j = 0; j < n; ++j) cols_finite &= std::isfinite(a.rn[j]);
+  const bool cols_safe = norms_safe(a.rn, n);
   for (int64_t r = r0; r < r1; ++r) {
     const T* row = a.dots + r * n;
     const T qnr = a.qn[r];
     T& best = a.best[r];
     if (best != best) continue;  // NaN is sticky
-    if (!cols_finite || !std::isfinite(qnr)) {
+    if (!cols_safe || !norms_safe(&qnr, 1)) {
       for (int64_t j = 0; j < n; ++j) {
         const T d = clamp_nonneg(qnr + a.rn[j] - T(2) * row[j]);
         if (improves(d, best)) {
@@ -218,14 +228,13 @@ void fold_rows_default(const ChunkArgs<T>& a, int64_t r0, int64_t r1) {
 __attribute__((target("avx2,fma"))) void fold_rows_avx2(const ChunkArgs<float>& a, int64_t r0,
                                                         int64_t r1) {
   const int64_t n = a.n;
-  bool cols_finite = true;
-  for (int64_t j = 0; j < n; ++j) cols_finite &= std::isfinite(a.rn[j]);
+  const bool cols_safe = norms_safe(a.rn, n);
   const __m256 two = _mm256_set1_ps(2.0f), zero = _mm256_setzero_ps();
   const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
   for (int64_t r = r0; r < r1; ++r) {
     const float qnr = a.qn[r];
     if (a.best[r] != a.best[r]) continue;  // NaN is sticky
-    if (!cols_finite || !std::isfinite(qnr) || n < 16) {
+    if (!cols_safe || !norms_safe(&qnr, 1) || n < 16) {
       fold_rows_impl<float>(a, r, r + 1);
       continue;
     }
