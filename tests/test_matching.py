@@ -518,3 +518,32 @@ def test_direct_op_calls_with_bad_labels_raise_not_crash(gen):
         torch.ops.vos_kernels.labelled_nearest_sqdist(q, r, lr + 5, 3, 1)
     with pytest.raises(RuntimeError, match="windows"):
         torch.ops.vos_kernels.fb_multi_local_matching(q, p, lp, 3, [3, 3], bias, 1)
+
+
+def test_import_without_compiled_library_falls_back_cleanly():
+    """A missing extension never breaks `import vos_kernels`: only 'reference' is available,
+    fused calls raise a clear RuntimeError, and the reference backend still runs."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["vos_kernels._C"] = None  # the extension fails to import
+        import torch, vos_kernels
+        assert vos_kernels.available_backends() == ["reference"], vos_kernels.available_backends()
+        q = torch.randn(1, 3, 4, 5); lab = torch.randint(0, 2, (1, 3, 4))
+        try:
+            vos_kernels.fb_global_matching(q, q, lab, 2, [0.0, 0.0])
+        except RuntimeError as e:
+            assert "not loaded" in str(e)
+        else:
+            raise AssertionError("expected RuntimeError")
+        vos_kernels.set_backend("reference")
+        fg, bg = vos_kernels.fb_global_matching(q, q, lab, 2, [0.0, 0.0])
+        assert fg.shape == (1, 2, 3, 4)
+        print("ok")
+    """)
+    env = {k: v for k, v in __import__("os").environ.items() if k != "VOS_KERNELS_LIBRARY"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

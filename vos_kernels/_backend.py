@@ -14,21 +14,21 @@ import warnings
 
 import torch
 
+from . import _ops
+
 BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
 
 _state = {"backend": "auto"}
 
 
 def _library_loaded() -> bool:
-    return hasattr(torch.ops, "vos_kernels") and hasattr(torch.ops.vos_kernels, "fb_global_matching")
+    return _ops.LOADED
 
 
 def _has_cuda_cpp() -> bool:
-    if not _library_loaded():
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("vos_kernels::fb_global_matching", "CUDA") and bool(
-        getattr(torch.ops.vos_kernels, "_cuda_cpp_built", False)
-    )
+    """Whether the library was built with CUDA C++ kernels (issue 7; none yet, so CUDA
+    tensors run the Triton kernels)."""
+    return _ops.CUDA_CPP
 
 
 def triton_interpreted() -> bool:

@@ -36,7 +36,9 @@ def _load_library() -> str | None:
 
 LIBRARY = _load_library()
 LOADED = LIBRARY is not None
-ops = torch.ops.vos_kernels if LOADED else None
+# CUDA kernels registered by the C++ library itself (CUDA C++, issue 7), checked before
+# the Triton kernels are registered below for CUDA tensors.
+CUDA_CPP = LOADED and torch._C._dispatch_has_kernel_for_dispatch_key("vos_kernels::fb_global_matching", "CUDA")
 
 
 def _out_dtype(x: torch.Tensor) -> torch.dtype:
