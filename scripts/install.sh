@@ -9,5 +9,7 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install "torch==2.13.0"
 fi
+# --no-build-isolation builds with this environment's setuptools: it must know bdist_wheel.
+"$PY" -m pip install -q "setuptools>=64" wheel
 "$PY" -m pip install -q triton numpy tqdm matplotlib pillow pytest pytest-benchmark hypothesis expecttest ninja
 MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install -q --no-build-isolation -e .
