@@ -187,3 +187,29 @@ def test_bad_input_raises_value_error(gen):
     prop.start(feats, torch.ones(32, 32, dtype=torch.long), 2)
     with pytest.raises(ValueError, match="differs from the first frame"):
         prop.step(random_features(gen, 64, 64))
+
+
+def test_triton_backend_gives_the_same_propagation(gen):
+    """The pipeline through the Triton kernels (the CUDA path; here the interpreter on CPU
+    tensors) equals the C++ CPU kernels' pipeline."""
+    import vos_kernels
+
+    if "triton" not in vos_kernels.available_backends():
+        pytest.skip("triton not available")
+    H, W, L = 48, 40, 3
+    labels = blob_labels(gen, H, W, L)
+    frames = [random_features(gen, H, W) for _ in range(3)]
+    results = {}
+    for backend in ("cpu", "triton"):
+        vos_kernels.set_backend(backend)
+        prop = TrainingFreeCFBI()
+        prop.start(frames[0], labels, L)
+        scores = []
+        for f in frames[1:]:
+            scores.append(prop.scores(f)[0])
+            prop.step(f)
+        results[backend] = (scores, {s: prop.bias[s].clone() for s in STRIDES})
+    for a, b in zip(results["cpu"][0], results["triton"][0]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    for s in STRIDES:
+        assert torch.equal(results["cpu"][1][s], results["triton"][1][s])

@@ -1,7 +1,8 @@
-"""Process memory probes (Linux ``/proc``; ``getrusage`` elsewhere), shared by the
-benchmark harness and ``vos-kernels segment``."""
+"""Process memory probes (Linux ``/proc``; ``getrusage`` elsewhere) and the CPU's name,
+shared by the benchmark harness and ``vos-kernels segment``."""
 from __future__ import annotations
 
+import platform
 import resource
 import sys
 
@@ -31,3 +32,15 @@ def ru_maxrss() -> int:
     """Peak RSS in bytes from getrusage (KiB on Linux, bytes on macOS)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def cpu_name() -> str:
+    """The CPU model (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"

@@ -68,7 +68,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from vos_kernels._memory import proc_status, reset_peak_rss, ru_maxrss
+from vos_kernels._memory import cpu_name, proc_status, reset_peak_rss, ru_maxrss
 
 import torch
 
@@ -671,15 +671,7 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+_cpu_name = cpu_name
 
 
 def _load_average() -> list[float] | None:

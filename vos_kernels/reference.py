@@ -330,7 +330,7 @@ def fb_multi_local_matching(query, previous, previous_labels, num_labels, window
         raise _err("windows", "ascending window sizes", windows)
 
     dtype = torch.promote_types(query.dtype, previous.dtype)
-    L, r, K = num_labels, atrous_rate, len(windows)
+    L, r = num_labels, atrous_rate
     D = max(windows)
     P = D - D % r
     n = 2 * P // r + 1            # offsets per axis on the atrous grid

@@ -495,28 +495,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
 def _summary(args, clip, device, rows, wall, meter, fused, metrics, compare) -> dict:
     import torch
 
     import vos_kernels
+    from vos_kernels._memory import cpu_name
 
     n = len(rows)
     fused_s = sum(r["fused_ms"] for r in rows) / 1e3
     s = {
         "clip": clip.name, "clip_path": str(clip.root), "embedded_clip": clip.embedded,
         "method": args.method, "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "threads": torch.get_num_threads(), "backend": vos_kernels.get_backend(),
         "date": datetime.date.today().isoformat(),
         "frames": n, "size": list(clip.size), "scale": args.scale, "objects": clip.object_ids,
@@ -600,24 +590,21 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     return p
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
-    return v
+def _bounded(kind, lo: float, hi: float, lo_open: bool, what: str):
+    """An argparse type: ``kind(text)`` within ``(lo, hi]`` (``[lo, hi]`` unless lo_open)."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not ((lo < v) if lo_open else (lo <= v)) or v > hi:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {v}")
+        return v
+    return parse
 
 
-def _scale(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 4], got {text!r}") from None
-    if not 0 < v <= 4:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 4], got {v}")
-    return v
+_positive_int = _bounded(int, 1, sys.maxsize, False, "a positive integer")
+_scale = _bounded(float, 0.0, 4.0, True, "a number in (0, 4]")
 
 
 def main(argv: list[str] | None = None) -> int:
