@@ -39,7 +39,8 @@ makes objects drift or shrink over a video.
 Limits: frozen ImageNet features at stride ≥ 4 and bilinear upsampling lose structures
 thinner than ~4 px (chair legs); there is no re-identification of objects that leave the
 frame beyond what global matching against frame 0 recovers. It demonstrates the fused
-kernels on real video; it is not a substitute for a trained CFBI+.
+kernels on real video; it is not a substitute for a trained CFBI+. The variants measured
+on the way to this rule are in ``docs/segment.md``.
 """
 from __future__ import annotations
 
