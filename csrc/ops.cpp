@@ -33,6 +33,14 @@ TORCH_LIBRARY(vos_kernels, m) {
   m.def(
       "nearest_sqdist_backward(Tensor grad, Tensor query, Tensor reference, Tensor index) "
       "-> (Tensor grad_query, Tensor grad_reference)");
+  // Top-k memory read (STCN inference read, XMem/AMM usage counters): affinity
+  // (2 m·q − ‖m‖²)·scale tile by tile, top-k per query (ties: lowest index), softmax over
+  // the k' = min(k, Nm) values with the max subtracted, gather readout. `usage` [B, Nm]
+  // float32 is updated in place (usage_mode 0: none, 1: hits, 2: softmax weights).
+  // index and weight (the softmax weights) are saved for the backward pass.
+  m.def(
+      "topk_memory_read(Tensor query_key, Tensor memory_key, Tensor memory_value, int k, "
+      "float scale, Tensor(a!)? usage, int usage_mode) -> (Tensor readout, Tensor index, Tensor weight)");
 }
 
 #ifdef VOS_KERNELS_PYTHON_MODULE

@@ -158,3 +158,25 @@ def sqdist_backward(grad, query, reference, index):
     d = ((q[:, None] - rq) ** 2).sum(-1)
     torch.where(idx >= 0, g * d, torch.zeros_like(d)).sum().backward()
     return q.grad, r.grad
+
+
+def topk_read(query_key, memory_key, memory_value, k, scale):
+    """Top-k memory read in float64 by brute force: full affinity, a stable descending sort
+    (ties: lowest index; NaN first, as torch.topk), max-subtracted softmax, gather.
+    Differentiable (torch ops). Returns readout, index, weight, hits [B,Nm], weight sums."""
+    q, m, v = query_key.double(), memory_key.double(), memory_value.double()
+    B, Nq, _ = q.shape
+    Nm = m.shape[1]
+    K = min(k, Nm)
+    s = (2 * torch.einsum("bnc,bqc->bqn", m, q) - (m * m).sum(-1).unsqueeze(1)) * scale   # [B,Nq,Nm]
+    key = torch.where(torch.isnan(s), torch.full_like(s, float("inf")), s)
+    order = torch.sort(key.detach(), dim=-1, descending=True, stable=True).indices[..., :K]
+    top = torch.gather(s, -1, order)
+    w = torch.softmax(top, dim=-1) if K > 1 else torch.exp(top - top)
+    v_sel = torch.gather(v.unsqueeze(1).expand(B, Nq, Nm, v.shape[-1]), 2,
+                         order.unsqueeze(-1).expand(B, Nq, K, v.shape[-1]))
+    readout = (w.unsqueeze(-1) * v_sel).sum(2)
+    hits = torch.zeros(B, Nm, dtype=torch.float64).scatter_add_(1, order.reshape(B, -1),
+                                                                 torch.ones(B, Nq * K, dtype=torch.float64))
+    wsum = torch.zeros(B, Nm, dtype=torch.float64).scatter_add_(1, order.reshape(B, -1), w.detach().reshape(B, -1))
+    return readout, order, w, hits, wsum

@@ -1,7 +1,8 @@
 """vos_kernels: fused CPU / CUDA / Triton kernels for matching-based video object segmentation.
 
 Public ops (``torch.ops.vos_kernels.*`` underneath): :func:`labelled_nearest_sqdist`,
-:func:`fb_global_matching`, :func:`fb_multi_local_matching`, :func:`fb_instance_pooling`.
+:func:`fb_global_matching`, :func:`fb_multi_local_matching`, :func:`fb_instance_pooling`,
+:func:`topk_memory_read`.
 Naive PyTorch oracles: :mod:`vos_kernels.reference`. CFBI drop-ins:
 :mod:`vos_kernels.compat.cfbi`. Backend choice: :func:`set_backend`,
 :func:`available_backends`.
@@ -9,6 +10,7 @@ Naive PyTorch oracles: :mod:`vos_kernels.reference`. CFBI drop-ins:
 from . import _ops  # noqa: F401  (loads the operator library and registers kernels)
 from ._backend import BACKENDS, available_backends, get_backend, set_backend
 from .matching import fb_global_matching, fb_instance_pooling, fb_multi_local_matching, labelled_nearest_sqdist
+from .memory import topk_memory_read
 
 __version__ = "0.1.0"
 
@@ -21,4 +23,5 @@ __all__ = [
     "get_backend",
     "labelled_nearest_sqdist",
     "set_backend",
+    "topk_memory_read",
 ]

@@ -167,6 +167,63 @@ def _pooling_backward(ctx, grad_out):
     return grad.reshape(B, H, W, C).to(ctx.emb_dtype), None, None
 
 
+def topk_read_backward(grad_out, grad_weight, query_key, memory_key, memory_value, index, weight, scale):
+    """Gradients of the top-k memory read through the k' selected entries (the selection
+    itself is piecewise constant). All tensors are k-sparse gathers: memory O(Nq·k'·C),
+    never Nm × Nq.
+
+    readout[q] = Σ_j w_qj v[i_qj];  w = softmax_j(s_qj);  s_qj = (2 m_i·q − ‖m_i‖²)·scale.
+    """
+    B, Nq, K = index.shape
+    Nm = memory_key.shape[1]
+    flat = (index + torch.arange(B, device=index.device).view(B, 1, 1) * Nm).reshape(-1)
+    mv = memory_value.reshape(B * Nm, -1)
+    mk = memory_key.reshape(B * Nm, -1)
+    gw = torch.zeros_like(weight) if grad_weight is None else grad_weight.to(weight.dtype)
+    grad_v = None
+    if grad_out is not None:
+        g = grad_out.to(weight.dtype)
+        v_sel = mv.index_select(0, flat).view(B, Nq, K, -1)
+        gw = gw + torch.einsum("bqc,bqkc->bqk", g, v_sel)
+        contrib = (weight.unsqueeze(-1) * g.unsqueeze(2)).reshape(B * Nq * K, -1)
+        grad_v = torch.zeros_like(mv).index_add_(0, flat, contrib).view_as(memory_value)
+    gs = weight * (gw - (weight * gw).sum(-1, keepdim=True))          # softmax backward
+    m_sel = mk.index_select(0, flat).view(B, Nq, K, -1)
+    grad_q = torch.einsum("bqk,bqkc->bqc", gs, m_sel) * (2 * scale)
+    contrib = (gs.unsqueeze(-1) * (2 * scale) * (query_key.unsqueeze(2) - m_sel)).reshape(B * Nq * K, -1)
+    grad_m = torch.zeros_like(mk).index_add_(0, flat, contrib).view_as(memory_key)
+    return grad_q, grad_m, grad_v
+
+
+class _TopkMemoryRead(torch.autograd.Function):
+    """Autograd of ``topk_memory_read``, registered at the op's Autograd key: the op mutates
+    ``usage``, and ``torch.library.register_autograd`` accepts functional ops only."""
+
+    @staticmethod
+    def forward(ctx, query_key, memory_key, memory_value, k, scale, usage, usage_mode):
+        with torch._C._AutoDispatchBelowADInplaceOrView():
+            out, index, weight = torch.ops.vos_kernels.topk_memory_read(
+                query_key, memory_key, memory_value, k, scale, usage, usage_mode)
+        ctx.save_for_backward(query_key, memory_key, memory_value, index, weight)
+        ctx.scale = scale
+        ctx.mark_non_differentiable(index)
+        return out, index, weight
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, _grad_index, grad_weight):
+        q, m, v, index, weight = ctx.saved_tensors
+        gq, gm, gv = topk_read_backward(grad_out, grad_weight, q, m, v, index, weight, ctx.scale)
+        return (gq.to(q.dtype) if ctx.needs_input_grad[0] else None,
+                gm.to(m.dtype) if ctx.needs_input_grad[1] else None,
+                gv.to(v.dtype) if ctx.needs_input_grad[2] and gv is not None else None,
+                None, None, None, None)
+
+
+def _topk_autograd(query_key, memory_key, memory_value, k, scale, usage, usage_mode):
+    return _TopkMemoryRead.apply(query_key, memory_key, memory_value, k, scale, usage, usage_mode)
+
+
 # ----------------------------------------------------------------------------------------
 # Registration
 # ----------------------------------------------------------------------------------------
@@ -204,6 +261,16 @@ def _register() -> None:
     def _(grad, query, reference, index):
         dt = _out_dtype(query)
         return query.new_empty(query.shape, dtype=dt), reference.new_empty(reference.shape, dtype=dt)
+
+    @torch.library.register_fake(lib + "topk_memory_read")
+    def _(query_key, memory_key, memory_value, k, scale, usage, usage_mode):
+        B, Nq, _CK = query_key.shape
+        K = min(k, memory_key.shape[1])
+        dt = _out_dtype(query_key)
+        return (query_key.new_empty((B, Nq, memory_value.shape[2]), dtype=dt),
+                query_key.new_empty((B, Nq, K), dtype=torch.int64), query_key.new_empty((B, Nq, K), dtype=dt))
+
+    _IMPL_LIB.impl("topk_memory_read", _topk_autograd, "Autograd")
 
     torch.library.register_autograd(lib + "labelled_nearest_sqdist", _sqdist_backward, setup_context=_sqdist_setup)
     torch.library.register_autograd(lib + "fb_global_matching", _global_backward, setup_context=_global_setup)
@@ -250,6 +317,8 @@ class _InterpretedTriton:
                  "backward": staticmethod(backward)})
         return cls._cache[name]
 
+
+_IMPL_LIB = torch.library.Library("vos_kernels", "IMPL")  # kept alive: owns the Autograd registration
 
 if LOADED:
     _register()

@@ -423,3 +423,47 @@ def fb_instance_pooling(embedding, labels, num_labels):
     pos = pos_sum / (pos_num + 1e-5).unsqueeze(-1)
     neg = neg_sum / (neg_num + 1e-5).unsqueeze(-1)
     return torch.stack([pos, neg], dim=2)
+
+
+# ------------------------------------------------------------------ top-k memory read
+def topk_memory_read(query_key, memory_key, memory_value, k, scale=None, usage=None, usage_mode="hits",
+                     return_topk=False):
+    """STCN's dense top-k memory read, with XMem's usage, in our layouts.
+
+    Mirrors STCN ``model/network.py`` (``get_affinity`` + ``softmax_w_top`` + ``readout``):
+    the dense affinity ``(2·mkᵀqk − ‖mk‖²)·scale`` ``[B, Nm, Nq]``, ``torch.topk`` over the
+    memory axis, exp and normalise, the weights scattered back into the dense buffer, and
+    a dense ``bmm`` readout. Usage as XMem's ``do_softmax(..., return_usage=True)``: the
+    dense weights summed over queries (``"weights"``), or the number of queries whose
+    top-k holds the entry (``"hits"``); added in place to ``usage``.
+
+    Differences from STCN: the maximum is subtracted before ``exp`` (STCN's code does not;
+    equal unless it overflows); ``k' = min(k, Nm)``; ties follow ``torch.topk``, which does
+    not promise the lowest index (the fused op does).
+
+    Returns:
+        ``readout [B, Nq, CV]``, plus ``(index, weight)`` ``[B, Nq, k']`` when ``return_topk``.
+    """
+    B, Nq, CK = query_key.shape
+    Nm = memory_key.shape[1]
+    scale = 1.0 / math.sqrt(CK) if scale is None else scale
+    kk = min(int(k), Nm)
+    mk = memory_key.transpose(1, 2)                              # [B, CK, Nm]  (STCN layout)
+    qk = query_key.transpose(1, 2)                               # [B, CK, Nq]
+    a_sq = mk.pow(2).sum(1).unsqueeze(2)                         # [B, Nm, 1]
+    ab = mk.transpose(1, 2) @ qk                                 # [B, Nm, Nq]
+    affinity = (2 * ab - a_sq) * scale
+    values, indices = torch.topk(affinity, k=kk, dim=1)
+    x_exp = (values - values.max(dim=1, keepdim=True)[0]).exp()
+    x_exp = x_exp / x_exp.sum(dim=1, keepdim=True)
+    dense = torch.zeros_like(affinity).scatter_(1, indices, x_exp)   # [B, Nm, Nq]
+    readout = torch.bmm(memory_value.transpose(1, 2), dense).transpose(1, 2)  # [B, Nq, CV]
+    if usage is not None:
+        with torch.no_grad():
+            if usage_mode == "weights":
+                usage += dense.sum(2).float()
+            else:
+                usage += torch.zeros_like(affinity).scatter_(1, indices, 1.0).sum(2).float()
+    if return_topk:
+        return readout, (indices.transpose(1, 2), x_exp.transpose(1, 2))
+    return readout
