@@ -11,11 +11,13 @@ from . import _ops  # noqa: F401  (loads the operator library and registers kern
 from ._backend import BACKENDS, available_backends, get_backend, set_backend
 from .matching import fb_global_matching, fb_instance_pooling, fb_multi_local_matching, labelled_nearest_sqdist
 from .memory import topk_memory_read
+from .memory_bank import LFUMemoryBank
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "LFUMemoryBank",
     "available_backends",
     "fb_global_matching",
     "fb_instance_pooling",
