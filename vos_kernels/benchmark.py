@@ -75,6 +75,7 @@ import torch
 from . import reference as _reference
 from ._backend import get_backend, set_backend
 from .matching import fb_global_matching, fb_multi_local_matching
+from .memory import topk_memory_read
 
 __all__ = ["Case", "OPS", "FULL_CASES", "QUICK_CASES", "implementation", "make_inputs", "main", "run_case",
            "select_cases"]
@@ -86,6 +87,7 @@ BIAS_BG, BIAS_FG = -0.25, 0.25   # CFBI's bias vector [b_B, b_F, b_F, ...]
 ORACLE_PIECE_BYTES = 8 * GiB     # memory budget of one piece of the float64 oracle
 REFERENCE_CHUNKS = 4             # n_chunks of the timed reference (CFBI's default)
 _WORKER_MARK = "VOS_KERNELS_MEMORY_RESULT "
+TOPK_AMBIGUOUS_GAP = 1e-4        # top-k read: k-th vs (k+1)-th affinity gap of a near tie
 
 
 # ------------------------------------------------------------------------------- cases
@@ -93,8 +95,10 @@ _WORKER_MARK = "VOS_KERNELS_MEMORY_RESULT "
 class Case:
     """One benchmark configuration (batch 1 unless said otherwise).
 
-    ``op`` is ``"global"`` (query ``[B,H,W,C]`` against a reference ``[B,T,Hr,Wr,C]``) or
-    ``"local"`` (query and previous frame ``[B,H,W,C]``, ``windows``). ``sweep`` names the
+    ``op`` is ``"global"`` (query ``[B,H,W,C]`` against a reference ``[B,T,Hr,Wr,C]``),
+    ``"local"`` (query and previous frame ``[B,H,W,C]``, ``windows``) or ``"topk"`` (top-k
+    memory read: ``height·width`` query keys against ``frames·height·width`` memory
+    entries, ``channels`` = CK, ``value_channels`` = CV, ``topk`` = k). ``sweep`` names the
     scaling sweep a case belongs to (None for the paper-sized cases); ``scale`` is its
     factor per side.
     """
@@ -113,6 +117,8 @@ class Case:
     batch: int = 1
     sweep: str | None = None
     scale: int = 1
+    value_channels: int = 0
+    topk: int = 0
 
     @property
     def ref_hw(self) -> tuple[int, int]:
@@ -127,6 +133,9 @@ class Case:
     def sizes(self) -> str:
         """Human-readable sizes for the tables."""
         hw = f"{self.height}×{self.width}"
+        if self.op == "topk":
+            return (f"Nq {self.pixels}, Nm {self.frames}×{self.pixels}, CK {self.channels}, "
+                    f"CV {self.value_channels}, k {self.topk}" + (f", B {self.batch}" if self.batch > 1 else ""))
         if self.op == "global":
             hr, wr = self.ref_hw
             ref = f"{self.frames}×{hr}×{wr}" if self.frames > 1 else f"{hr}×{wr}"
@@ -177,9 +186,24 @@ FULL_CASES: list[Case] = [
     *_sweep("sweep-a2-c32", Case("", "local", 60, 107, 32, 4, atrous_rate=2, windows=CFBIP_S4_WINDOWS)),
 ]
 
+def _topk_sweep(name: str, hw: tuple[int, int], frames: Sequence[int], cv: int = 512, k: int = 20) -> list[Case]:
+    """STCN top-k read at 1/16 of the frame (benchmarks.md): T memory frames per case."""
+    return [Case(f"topk/{name}-t{t}", "topk", hw[0], hw[1], 64, 1, frames=t, value_channels=cv, topk=k,
+                 sweep=name, scale=t) for t in frames]
+
+
+FULL_CASES += [
+    # Top-k memory read (STCN; AMM / XMem usage): DAVIS 480p (30×54 = 1620 queries) and 720p.
+    *_topk_sweep("stcn-davis", (30, 54), (1, 5, 20, 50, 100)),
+    Case("topk/stcn-davis-t20-o2", "topk", 30, 54, 64, 1, frames=20, value_channels=1024, topk=20),
+    Case("topk/stcn-davis-t20-o5", "topk", 30, 54, 64, 1, frames=20, value_channels=2560, topk=20),
+    *_topk_sweep("stcn-720p", (45, 80), (5, 20, 50)),
+]
+
 QUICK_CASES: list[Case] = [
     *_sweep("quick-a2", Case("", "global", 20, 30, 16, 3, atrous_rate=2), scales=(1, 2)),
     Case("local/quick-a2", "local", 20, 30, 16, 3, atrous_rate=2, windows=(2, 4, 6), sweep="quick-a2"),
+    *_topk_sweep("quick", (10, 12), (2, 8), cv=32, k=8),
 ]
 
 
@@ -329,6 +353,58 @@ def _local_oracle(case: Case, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]
     return torch.cat(fgs, -2), torch.cat(bgs, -2)
 
 
+def _topk_inputs(case: Case, gen: torch.Generator) -> dict:
+    B, nq, nm = case.batch, case.pixels, case.frames * case.pixels
+    return dict(query_key=_embedding(gen, (B, nq, case.channels)), memory_key=_embedding(gen, (B, nm, case.channels)),
+                memory_value=torch.randn(B, nm, case.value_channels, generator=gen), k=case.topk,
+                usage=torch.zeros(B, nm), usage_mode="hits")
+
+
+def _topk_flops(case: Case, inputs: dict) -> float:
+    """2·Nq·Nm·CK (affinity) + 2·Nq·k·CV (gather readout), benchmarks.md."""
+    nq, nm = case.batch * case.pixels, case.frames * case.pixels
+    return 2.0 * nq * nm * case.channels + 2.0 * nq * min(case.topk, nm) * case.value_channels
+
+
+def _topk_bytes(case: Case) -> float:
+    """Keys read once, k value rows gathered per query, readout and usage written once."""
+    nq, nm = case.batch * case.pixels, case.batch * case.frames * case.pixels
+    return 4.0 * ((nq + nm) * case.channels + nq * min(case.topk, nm) * case.value_channels
+                  + nq * case.value_channels + nm)
+
+
+def _topk_reference_peak(case: Case, elem: int) -> float:
+    """STCN's dense path: affinity, its top-k copy, the dense weight buffer and the hit
+    counts, each ``[Nm, Nq]``."""
+    return float(elem) * 4 * case.batch * case.frames * case.pixels * case.pixels
+
+
+def _topk_oracle(case: Case, inputs: dict) -> tuple[torch.Tensor]:
+    """The STCN reference in float64, the queries in pieces of at most ORACLE_PIECE_BYTES.
+
+    Queries whose k-th and (k+1)-th float64 affinities differ by less than
+    TOPK_AMBIGUOUS_GAP are set to NaN (left out of the max error): a float32 kernel may
+    select either entry, and the readouts then differ by that entry's weight times its
+    value, which is not an error of the kernel."""
+    x = _as_float64(inputs)
+    x["usage"] = None
+    q, m = x["query_key"], x["memory_key"]
+    nq, k = q.shape[1], x["k"]
+    per_query = 8.0 * 4 * case.frames * case.pixels
+    step = max(1, int(ORACLE_PIECE_BYTES // per_query))
+    pieces = []
+    for i in range(0, nq, step):
+        qi = q[:, i:i + step]
+        out = _reference.topk_memory_read(**dict(x, query_key=qi))
+        if k < m.shape[1]:
+            aff = (2 * torch.einsum("bnc,bqc->bqn", m, qi) - (m * m).sum(-1).unsqueeze(1)) / math.sqrt(m.shape[2])
+            top = torch.topk(aff, k + 1, dim=-1).values
+            ambiguous = (top[..., k - 1] - top[..., k]) < TOPK_AMBIGUOUS_GAP
+            out = out.masked_fill(ambiguous.unsqueeze(-1), float("nan"))
+        pieces.append(out)
+    return (torch.cat(pieces, 1),)
+
+
 @dataclass(frozen=True)
 class Op:
     """What the harness needs to know about one matching op."""
@@ -340,6 +416,7 @@ class Op:
     bytes_moved: Callable[[Case], float]
     reference_peak: Callable[[Case, int], float]
     oracle: Callable[[Case, dict], tuple]
+    outputs: tuple[str, ...] = ("fg", "bg")
 
 
 OPS: dict[str, Op] = {
@@ -347,6 +424,8 @@ OPS: dict[str, Op] = {
                  _global_bytes, _global_reference_peak, _global_oracle),
     "local": Op(fb_multi_local_matching, _reference.fb_multi_local_matching, _local_inputs, _local_flops,
                 _local_bytes, _local_reference_peak, _local_oracle),
+    "topk": Op(lambda **kw: (topk_memory_read(**kw),), lambda **kw: (_reference.topk_memory_read(**kw),),
+               _topk_inputs, _topk_flops, _topk_bytes, _topk_reference_peak, _topk_oracle, ("readout",)),
 }
 
 
@@ -565,9 +644,15 @@ class Settings:
     ceilings: dict | None = None
 
 
-def _max_error(out: Sequence[torch.Tensor], oracle: Sequence[torch.Tensor]) -> dict:
-    errs = {name: float((o.double().cpu() - e.cpu()).abs().max()) if o.numel() else 0.0
-            for name, o, e in zip(("fg", "bg"), out, oracle)}
+def _max_error(out: Sequence[torch.Tensor], oracle: Sequence[torch.Tensor],
+               names: Sequence[str] = ("fg", "bg")) -> dict:
+    # NaN in the oracle marks values left out on purpose (top-k near ties); NaN in an
+    # output where the oracle is a number still counts (as inf).
+    errs = {}
+    for name, o, e in zip(names, out, oracle):
+        d = (o.double().cpu() - e.cpu()).abs()
+        d = torch.where(torch.isnan(e.cpu()), torch.zeros_like(d), torch.nan_to_num(d, nan=math.inf))
+        errs[name] = float(d.max()) if d.numel() else 0.0
     errs["max"] = max(errs.values())
     return errs
 
@@ -623,6 +708,7 @@ def run_case(case: Case, s: Settings) -> dict:
     )
     if case.op == "global":
         record["reference_candidates"] = _global_candidates(case, inputs)
+    record["sweep_x"] = case.frames * case.pixels if case.op == "topk" else case.pixels
     outs = {}
     for which in ("fused", "reference"):
         record[which], outs[which] = _run_impl(case, which, inputs, s)
@@ -635,7 +721,7 @@ def run_case(case: Case, s: Settings) -> dict:
         else:
             for which in ("fused", "reference"):
                 if outs[which] is not None:
-                    record[which]["max_abs_error"] = _max_error(outs[which], oracle)
+                    record[which]["max_abs_error"] = _max_error(outs[which], oracle, op.outputs)
             del oracle
     fused, ref = record["fused"], record["reference"]
     both_timed = "time" in ref and "time" in fused
@@ -773,7 +859,7 @@ def markdown(results: dict) -> str:
         "(medians); extra MiB: peak memory above the inputs during one call "
         + ("(fresh process per case and implementation, peak RSS)" if env["device"] == "cpu"
            else "(torch.cuda.max_memory_allocated)")
-        + "; memory ratio = fused / reference; max error: max |fused − reference in float64| over fg and bg.",
+        + "; memory ratio = fused / reference; max error: max |fused − reference in float64| over the outputs (fg and bg; the readout of the top-k read, without the queries whose k-th and (k+1)-th affinities are closer than 1e-4, where float32 may pick either entry).",
         "skipped: the reference's estimated peak exceeds the limit; OOM: it ran out of memory.",
     ]
     skipped = [f"- {c['name']}: {c['reference']['reason']}" for c in results["cases"] if c["reference"].get("reason")]
@@ -829,9 +915,10 @@ def plot(results: dict, path: str) -> None:
     panels = ((axes[1][0], "time", "time per call (ms)"), (axes[1][1], "memory", "peak extra memory (MiB)"))
     for ax, metric, label in panels:
         for op, sweep in sweeps:
-            group = sorted((c for c in cases if c["op"] == op and c["sweep"] == sweep), key=lambda c: c["pixels"])
+            group = sorted((c for c in cases if c["op"] == op and c["sweep"] == sweep),
+                           key=lambda c: c.get("sweep_x", c["pixels"]))
             for which, style in (("fused", "-o"), ("reference", "--s")):
-                pts = [(c["pixels"], c[which]["time"]["median_ms"] if metric == "time" and "time" in c[which]
+                pts = [(c.get("sweep_x", c["pixels"]), c[which]["time"]["median_ms"] if metric == "time" and "time" in c[which]
                         else (mib(c, which) if metric == "memory" else None)) for c in group]
                 pts = [(p, v) for p, v in pts if v]
                 if pts:
@@ -842,11 +929,11 @@ def plot(results: dict, path: str) -> None:
             ax.legend(fontsize=8)
         else:
             ax.text(0.5, 0.5, "no scaling sweep data in this run", ha="center", va="center", transform=ax.transAxes)
-        ax.set_xlabel("query pixels")
+        ax.set_xlabel("query pixels (matching) / memory entries (top-k read)")
         ax.set_ylabel(label)
         ax.set_title(f"Scaling sweep: {metric}")
     env = results["environment"]
-    fig.suptitle(f"vos_kernels matching: fused vs reference — {env['device_name']}, {env['threads']} threads, "
+    fig.suptitle(f"vos_kernels: fused vs reference — {env['device_name']}, {env['threads']} threads, "
                  f"torch {env['torch']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
