@@ -141,8 +141,7 @@ class TrainingFreeCFBI:
         self.fg_bias = float(fg_bias)
         grid = torch.arange(-30, 1, dtype=torch.float64) / 10 if bias_grid is None else torch.as_tensor(bias_grid)
         # ties resolve to the smallest |b|: try candidates in order of |b| (then sign)
-        self.bias_grid = sorted(float(b) for b in grid)
-        self.bias_grid.sort(key=lambda b: (abs(b), b))
+        self.bias_grid = sorted((float(b) for b in grid), key=lambda b: (abs(b), b))
         self.num_labels = 0
         self.bias: dict[int, torch.Tensor] = {}
         self.calibration: dict[int, dict] = {}

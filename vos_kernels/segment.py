@@ -401,6 +401,7 @@ def _fmt_bytes(n: int | None) -> str:
 
 def run(args: argparse.Namespace) -> int:
     import torch
+    from PIL import Image
 
     clip = open_clip(args.clip, args.max_frames)
     device = torch.device(args.device)
@@ -469,8 +470,6 @@ def run(args: argparse.Namespace) -> int:
                 if reference is not None:
                     row["agreement"] = _mean_object_iou(ids, id_of_label[ref_pred.cpu().numpy()], clip.object_ids)
                 rows.append(row)
-                from PIL import Image
-
                 mask_img = Image.fromarray(ids)      # mode "L"; putpalette makes it "P", values kept
                 mask_img.putpalette(palette)
                 mask_img.save(stage / "Annotations" / f"{frame_path.stem}.png")

@@ -48,13 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = [
-    "labelled_nearest_sqdist",
-    "fb_global_matching",
-    "fb_multi_local_matching",
-    "fb_instance_pooling",
-    "nearest_sqdist_backward",
-]
+from . import __all__  # noqa: E402,F401  (one list of entry points, kept in the light package module)
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
