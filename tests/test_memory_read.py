@@ -184,9 +184,3 @@ def test_bad_input_raises_and_mutates_nothing(case):
         vk.topk_memory_read(args["q"], args["m"], args["v"], args["k"], scale=args["scale"],
                             usage=args["usage"], usage_mode=args["usage_mode"])
     assert torch.equal(args["usage"], before)
-
-
-def test_triton_backend_not_written_yet_says_so():
-    vk.set_backend("triton") if "triton" in vk.available_backends() else pytest.skip("no triton")
-    with pytest.raises(RuntimeError, match="only the C\\+\\+ CPU kernel"):
-        vk.topk_memory_read(torch.randn(1, 4, 8), torch.randn(1, 9, 8), torch.randn(1, 9, 2), 3)

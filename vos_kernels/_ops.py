@@ -197,13 +197,18 @@ def topk_read_backward(grad_out, grad_weight, query_key, memory_key, memory_valu
 
 class _TopkMemoryRead(torch.autograd.Function):
     """Autograd of ``topk_memory_read``, registered at the op's Autograd key: the op mutates
-    ``usage``, and ``torch.library.register_autograd`` accepts functional ops only."""
+    ``usage``, and ``torch.library.register_autograd`` accepts functional ops only.
+    ``impl`` is None for the dispatcher (C++ on CPU, Triton on CUDA), or a Python forward
+    (the Triton kernel on CPU tensors under the interpreter)."""
 
     @staticmethod
-    def forward(ctx, query_key, memory_key, memory_value, k, scale, usage, usage_mode):
-        with torch._C._AutoDispatchBelowADInplaceOrView():
-            out, index, weight = torch.ops.vos_kernels.topk_memory_read(
-                query_key, memory_key, memory_value, k, scale, usage, usage_mode)
+    def forward(ctx, impl, query_key, memory_key, memory_value, k, scale, usage, usage_mode):
+        if impl is None:
+            with torch._C._AutoDispatchBelowADInplaceOrView():
+                out, index, weight = torch.ops.vos_kernels.topk_memory_read(
+                    query_key, memory_key, memory_value, k, scale, usage, usage_mode)
+        else:
+            out, index, weight = impl(query_key, memory_key, memory_value, k, scale, usage, usage_mode)
         ctx.save_for_backward(query_key, memory_key, memory_value, index, weight)
         ctx.scale = scale
         ctx.mark_non_differentiable(index)
@@ -214,14 +219,21 @@ class _TopkMemoryRead(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_index, grad_weight):
         q, m, v, index, weight = ctx.saved_tensors
         gq, gm, gv = topk_read_backward(grad_out, grad_weight, q, m, v, index, weight, ctx.scale)
-        return (gq.to(q.dtype) if ctx.needs_input_grad[0] else None,
-                gm.to(m.dtype) if ctx.needs_input_grad[1] else None,
-                gv.to(v.dtype) if ctx.needs_input_grad[2] and gv is not None else None,
+        return (None,
+                gq.to(q.dtype) if ctx.needs_input_grad[1] else None,
+                gm.to(m.dtype) if ctx.needs_input_grad[2] else None,
+                gv.to(v.dtype) if ctx.needs_input_grad[3] and gv is not None else None,
                 None, None, None, None)
 
 
 def _topk_autograd(query_key, memory_key, memory_value, k, scale, usage, usage_mode):
-    return _TopkMemoryRead.apply(query_key, memory_key, memory_value, k, scale, usage, usage_mode)
+    return _TopkMemoryRead.apply(None, query_key, memory_key, memory_value, k, scale, usage, usage_mode)
+
+
+def topk_read_interpreted(query_key, memory_key, memory_value, k, scale, usage, usage_mode):
+    """The Triton top-k read on CPU tensors (``TRITON_INTERPRET=1``), with the op's autograd."""
+    return _TopkMemoryRead.apply(_triton_entry("topk_memory_read"), query_key, memory_key, memory_value,
+                                 k, scale, usage, usage_mode)
 
 
 # ----------------------------------------------------------------------------------------
@@ -280,16 +292,16 @@ def _register() -> None:
     # CUDA tensors: Triton kernels (imported lazily so that importing vos_kernels never
     # needs triton, and TRITON_INTERPRET is read when the kernels are first used).
     for name in ("labelled_nearest_sqdist", "fb_global_matching", "fb_multi_local_matching",
-                 "fb_instance_pooling", "nearest_sqdist_backward"):
+                 "fb_instance_pooling", "nearest_sqdist_backward", "topk_memory_read"):
         if not torch._C._dispatch_has_kernel_for_dispatch_key(lib + name, "CUDA"):
             torch.library.register_kernel(lib + name, "cuda", _triton_entry(name))
 
 
 def _triton_entry(name):
     def run(*args):
-        from .triton import matching as triton_matching
+        from . import triton as triton_backend
 
-        return getattr(triton_matching, name)(*args)
+        return getattr(triton_backend, name)(*args)
 
     run.__name__ = f"triton_{name}"
     return run

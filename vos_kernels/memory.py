@@ -1,8 +1,9 @@
 """Top-k memory read (STCN / XMem / AMM): the public function.
 
 Validates its arguments (ValueError naming the argument, before anything is computed or
-mutated), then calls ``torch.ops.vos_kernels.topk_memory_read`` (C++ on CPU) or
-:mod:`vos_kernels.reference` for the ``"reference"`` backend.
+mutated), then calls ``torch.ops.vos_kernels.topk_memory_read`` (C++ on CPU, Triton on
+CUDA), the Triton kernel under ``TRITON_INTERPRET=1`` for the ``"triton"`` backend on CPU
+tensors, or :mod:`vos_kernels.reference` for the ``"reference"`` backend.
 Semantics: ``../shared/spec/api.md`` and ``../shared/spec/memory.md``.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ import math
 
 import torch
 
+from . import _ops
 from . import _validation as V
 from . import reference as _reference
 from ._backend import resolve
@@ -52,8 +54,11 @@ def topk_memory_read(query_key: torch.Tensor, memory_key: torch.Tensor, memory_v
         ValueError: wrong rank / shape / dtype, device mix, empty memory, k < 1, bad scale,
             usage not float32 ``[B, Nm]`` on the same device, unknown usage_mode. Nothing
             is mutated when it raises.
-        RuntimeError: CUDA tensors (the CUDA / Triton kernel is not written yet; use
-            ``set_backend("reference")``).
+        RuntimeError: CUDA tensors without the triton package.
+
+    Backends: C++ on CPU (``csrc/cpu/memory_read.cpp``, deterministic), Triton on CUDA
+    (``vos_kernels/triton/memory.py``; ``"weights"`` usage is summed with atomics, so its
+    last bits can differ between runs), ``"reference"`` = STCN's dense path.
     """
     V.float_tensor(query_key, "query_key", 3, "[B,Nq,CK]")
     V.float_tensor(memory_key, "memory_key", 3, "[B,Nm,CK]")
@@ -82,11 +87,10 @@ def topk_memory_read(query_key: torch.Tensor, memory_key: torch.Tensor, memory_v
     if backend == "reference":
         out, (index, weight) = _reference.topk_memory_read(query_key, memory_key, memory_value, k, float(scale),
                                                            usage, usage_mode, return_topk=True)
-    else:
-        if query_key.device.type != "cpu" or backend == "triton":
-            raise RuntimeError("topk_memory_read: only the C++ CPU kernel exists so far (the Triton / CUDA "
-                               "kernel is issue 4's next step); use vos_kernels.set_backend('reference') for "
-                               f"{query_key.device.type} tensors")
+    elif backend == "triton" and query_key.device.type == "cpu":   # Triton interpreter
+        out, index, weight = _ops.topk_read_interpreted(
+            query_key, memory_key, memory_value, k, float(scale), usage, USAGE_MODES[usage_mode])
+    else:   # C++ on CPU; on CUDA the op's registered kernel (Triton until issue 7's CUDA C++)
         out, index, weight = torch.ops.vos_kernels.topk_memory_read(
             query_key, memory_key, memory_value, k, float(scale), usage, USAGE_MODES[usage_mode])
     return (out, (index, weight)) if return_topk else out

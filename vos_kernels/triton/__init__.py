@@ -1,6 +1,7 @@
 """Triton backend of vos_kernels (CUDA; CPU tensors under ``TRITON_INTERPRET=1``).
 
-The entry points live in :mod:`vos_kernels.triton.matching`. They are re-exported here
+The entry points live in :mod:`vos_kernels.triton.matching` (CFBI matching) and
+:mod:`vos_kernels.triton.memory` (top-k memory read). They are re-exported here
 lazily, so that importing this package does not import ``triton`` (set
 ``TRITON_INTERPRET=1`` before the first access if the kernels must run on CPU).
 """
@@ -11,11 +12,16 @@ __all__ = [
     "fb_multi_local_matching",
     "fb_instance_pooling",
     "nearest_sqdist_backward",
+    "topk_memory_read",
 ]
+
+_MODULE = {"topk_memory_read": "memory"}
 
 
 def __getattr__(name):
     if name in __all__:
-        from . import matching
-        return getattr(matching, name)
+        import importlib
+
+        module = importlib.import_module(f"{__name__}.{_MODULE.get(name, 'matching')}")
+        return getattr(module, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

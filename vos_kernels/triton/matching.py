@@ -48,7 +48,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import __all__  # noqa: E402,F401  (one list of entry points, kept in the light package module)
+from . import _MODULE
+from . import __all__ as _ENTRY_POINTS  # one list of entry points, kept in the light package module
+
+__all__ = [name for name in _ENTRY_POINTS if _MODULE.get(name, "matching") == "matching"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
