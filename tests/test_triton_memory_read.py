@@ -57,6 +57,30 @@ def test_kernel_against_float64_oracle(gen, shape, mode):
     torch.testing.assert_close(usage.cpu().double(), expect, atol=1e-4, rtol=1e-6)
 
 
+@pytest.mark.parametrize("splits", [2, 4, 8])
+@pytest.mark.parametrize("shape", [(2, 21, 300, 16, 5, 20), (1, 9, 100, 8, 3, 33), (1, 6, 40, 4, 2, 3)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_memory_splits_give_the_same_result(gen, shape, splits):
+    """Memory split over programs (partial top-KP per split, then the merge kernel): the
+    same indices and weights as one split, including splits that hold no memory row."""
+    B, Nq, Nm, CK, CV, k = shape
+    q, m, v = inputs(gen, B, Nq, Nm, CK, CV)
+    u1, u2 = torch.zeros(B, Nm, device=DEV), torch.zeros(B, Nm, device=DEV)
+    one = tk(q, m, v, k, 0.4, u1, 1, memory_splits=1)
+    many = tk(q, m, v, k, 0.4, u2, 1, memory_splits=splits)
+    for a, b in zip(one, many):
+        assert torch.equal(a, b)
+    assert torch.equal(u1, u2)
+    _, o_idx, _, _, _ = oracle.topk_read(q.cpu(), m.cpu(), v.cpu(), k, 0.4)
+    assert torch.equal(many[1].cpu(), o_idx)
+
+
+def test_memory_splits_must_be_a_power_of_two(gen):
+    q, m, v = inputs(gen, 1, 4, 20, 4, 2)
+    with pytest.raises(ValueError, match="memory_splits"):
+        tk(q, m, v, 3, 0.5, None, 0, memory_splits=3)
+
+
 def test_no_usage_leaves_nothing_touched(gen):
     q, m, v = inputs(gen, 1, 10, 70, 8, 4)
     out, idx, w = tk(q, m, v, 6, 0.3, None, 0)
@@ -108,6 +132,7 @@ def test_nan_ranks_first_and_propagates():
     out, idx, _ = tk(q, m_nan, v, 5, 0.35, None, 0)
     assert torch.isnan(out).all()
     assert (idx[..., 0] == 17).all() and (idx[..., 1] == 33).all()      # NaNs first, lowest index first
+    assert torch.equal(tk(q, m_nan, v, 5, 0.35, None, 0, memory_splits=4)[1], idx)
     cpu = vk.topk_memory_read(q.cpu(), m_nan.cpu(), v.cpu(), 5, scale=0.35, return_topk=True)[1][0]
     assert torch.equal(idx.cpu(), cpu)
 

@@ -3,6 +3,8 @@
 Subcommands:
   segment segment a video from its first-frame mask with the fused ops, scored with J&F
           (``vos-kernels segment --help``; default: the embedded ``chair`` clip)
+  long-video  stream thousands of frames through the LFU memory bank and STCN's growing
+          memory, plot time and memory per frame (``vos-kernels long-video --help``)
   info    versions, built backends, devices
   bench   the benchmark suite, fused kernels vs the naive reference
           (``vos-kernels bench --help``; results as JSON + markdown + plot)
@@ -52,10 +54,16 @@ def main(argv: list[str] | None = None) -> int:
 
     segment.build_parser(sub.add_parser("segment", help="segment a video from its first-frame mask (J&F, "
                                         "overlays, GIF); options: vos-kernels segment --help"))
+    from vos_kernels import long_video
+
+    long_video.build_parser(sub.add_parser("long-video", help="stream a long video through the LFU memory bank "
+                                           "and STCN's growing memory; options: vos-kernels long-video --help"))
     sub.add_parser("info", help="versions, built backends, devices")
     sub.add_parser("bench", help="benchmark suite (options: vos-kernels bench --help)", add_help=False)
     if argv[:1] == ["segment"]:
         return segment.run_cli(parser.parse_args(argv))
+    if argv[:1] == ["long-video"]:
+        return long_video.run_cli(parser.parse_args(argv))
     args, rest = parser.parse_known_args(argv)
     if args.command == "info":
         if rest:

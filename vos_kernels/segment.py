@@ -9,10 +9,22 @@ for J&F. Without a clip the embedded ``chair`` clip is used (PUMaVOS, CC BY 4.0,
 Output folder (written under a temporary name and moved into place only when complete):
 ``Annotations/<stem>.png`` palette masks (DAVIS layout, the input's object ids and
 palette), ``overlays/<stem>.jpg``, ``result.gif``, ``per_frame.png`` (plot), and
-``summary.json`` (timings, memory, J&F, calibration, agreement with the reference).
+``summary.json`` (timings, memory, J&F, calibration, agreement with the reference); with
+``--compare-reference`` also ``reference/Annotations/<stem>.png``, the reference's masks.
 
-Methods: ``cfbi`` — :class:`vos_models.propagation.TrainingFreeCFBI` on frozen
-EfficientNet-Lite0 features (:class:`vos_models.backbone.EfficientNetLite0Features`).
+Methods, both on frozen EfficientNet-Lite0 features
+(:class:`vos_models.backbone.EfficientNetLite0Features`):
+
+- ``cfbi`` — :class:`vos_models.propagation.TrainingFreeCFBI` (fused fg/bg global and
+  multi-local matching). ``--compare-reference`` runs the same rule on the naive PyTorch
+  matching: the predictions must agree (mean object IoU ≥ 0.999 per frame, else exit 3).
+- ``stcn-lfu`` — :class:`vos_models.stcn.TrainingFreeSTCN` (fused top-k memory read from a
+  fixed-capacity LFU bank, ``--memory-frames`` frames' worth, written every
+  ``--mem-every`` frames). ``--compare-reference`` runs STCN's unbounded every-k memory
+  with STCN's dense read: a different memory, so agreement is reported (and J&F of both),
+  and it is a pass/fail check only while the bank has evicted nothing (then both memories
+  hold the same entries).
+
 J&F follows the DAVIS semi-supervised protocol through PyPI ``vos-benchmark``
 (``vos_benchmark.evaluator.Evaluator``; first and last frames excluded), reported as
 fractions in ``[0, 1]``.
@@ -33,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 EMBEDDED_CLIP = Path(__file__).resolve().parent / "data" / "chair"
-METHODS = ("cfbi",)
+METHODS = ("cfbi", "stcn-lfu")
 IMAGE_SUFFIXES = (".jpg", ".jpeg")
 #: Fused and reference predictions must agree at least this well on every frame
 #: (mean object IoU between the two predictions); less is a bug, not a tolerance.
@@ -211,59 +223,6 @@ def _mean_object_iou(a: np.ndarray, b: np.ndarray, object_ids: list[int]) -> flo
 
 
 # ------------------------------------------------------------------ measurement
-class _Meter:
-    """Wall time and peak extra memory of a code section (CPU: VmHWM reset through
-    ``/proc/self/clear_refs``; CUDA: ``max_memory_allocated``)."""
-
-    def __init__(self, device):
-        import torch
-
-        self.torch = torch
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.peak_bytes = 0          # process peak seen (CPU RSS / CUDA allocated)
-        self.method = "torch.cuda.max_memory_allocated" if self.cuda else "VmHWM - VmRSS per section"
-
-    def _sync(self):
-        if self.cuda:
-            self.torch.cuda.synchronize(self.device)
-
-    def run(self, fn):
-        from vos_kernels._memory import proc_status, reset_peak_rss, ru_maxrss
-
-        self._sync()
-        if self.cuda:
-            base = self.torch.cuda.memory_allocated(self.device)
-            self.torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            st = proc_status()
-            if st is not None:
-                self.peak_bytes = max(self.peak_bytes, st["VmHWM"])
-            exact = reset_peak_rss()
-            base = proc_status()["VmRSS"] if exact else ru_maxrss()
-        t0 = time.perf_counter()
-        out = fn()
-        self._sync()
-        dt = time.perf_counter() - t0
-        if self.cuda:
-            peak = self.torch.cuda.max_memory_allocated(self.device)
-        else:
-            st = proc_status() if exact else None
-            peak = st["VmHWM"] if st is not None else ru_maxrss()
-        self.peak_bytes = max(self.peak_bytes, peak)
-        return out, dt, max(0, int(peak - base))
-
-    def process_peak(self) -> int:
-        from vos_kernels._memory import proc_status
-
-        if not self.cuda:
-            st = proc_status()
-            if st is not None:
-                self.peak_bytes = max(self.peak_bytes, st["VmHWM"])
-        return self.peak_bytes
-
-
-# ----------------------------------------------------------------------- metric
 def evaluate(pred_dir: Path, clip: Clip) -> dict | None:
     """J&F of the written masks against the clip's ground truth (DAVIS semi-supervised:
     first and last frames excluded), via ``vos_benchmark.evaluator.Evaluator``.
@@ -330,6 +289,7 @@ def _prepare_out(out: Path) -> Path:
             shutil.rmtree(stage)
         (stage / "Annotations").mkdir(parents=True)
         (stage / "overlays").mkdir()
+        (stage / "reference" / "Annotations").mkdir(parents=True)
     except OSError as exc:
         raise SegmentError(f"cannot write to {out.parent}: {exc}") from None
     return stage
@@ -409,12 +369,14 @@ def run(args: argparse.Namespace) -> int:
         raise SegmentError("--device cuda: torch sees no CUDA device (CPU build or no GPU)")
     import vos_kernels
     from vos_kernels import _ops
+    from vos_kernels._memory import SectionMeter
 
     if not _ops.LOADED and device.type == "cpu" and vos_kernels.get_backend() != "reference":
         raise SegmentError(f"the compiled CPU kernels are not loaded ({_ops.LIBRARY_ERROR}); "
                            "reinstall with: pip install --no-build-isolation .")
     from vos_models.backbone import EfficientNetLite0Features, MissingBackboneError
     from vos_models.propagation import TrainingFreeCFBI
+    from vos_models.stcn import TrainingFreeSTCN
 
     if min(clip.size) * args.scale < 32:
         raise SegmentError(f"--scale {args.scale:g} makes the {clip.size[0]}x{clip.size[1]} frames smaller than "
@@ -426,8 +388,14 @@ def run(args: argparse.Namespace) -> int:
         backbone = EfficientNetLite0Features().to(device)
     except MissingBackboneError as exc:
         raise SegmentError(str(exc)) from None
-    fused = TrainingFreeCFBI(matching="fused")
-    reference = TrainingFreeCFBI(matching="reference") if args.compare_reference else None
+    if args.method == "cfbi":
+        fused = TrainingFreeCFBI(matching="fused")
+        reference = TrainingFreeCFBI(matching="reference") if args.compare_reference else None
+    else:
+        stcn = dict(mem_every=args.mem_every, top_k=args.top_k)
+        fused = TrainingFreeSTCN(capacity_frames=args.memory_frames, matching="fused", **stcn)
+        reference = TrainingFreeSTCN(capacity_frames=None, matching="reference", **stcn) \
+            if args.compare_reference else None
     id_of_label = np.array([0] + clip.object_ids, dtype=np.uint8)
     label_of_id = np.zeros(256, dtype=np.int64)
     label_of_id[clip.object_ids] = np.arange(1, clip.num_labels)
@@ -436,7 +404,7 @@ def run(args: argparse.Namespace) -> int:
     palette = (palette + [0] * 768)[:768]
 
     stage = _prepare_out(out)
-    meter = _Meter(device)
+    meter = SectionMeter(device)
     rows: list[dict] = []
     stems = [f.stem for f in clip.frames]
     wall0 = time.perf_counter()
@@ -458,6 +426,8 @@ def run(args: argparse.Namespace) -> int:
                 row = {"frame": frame_path.stem, "backbone_ms": t_backbone * 1e3, "matching_ms": t_fused * 1e3,
                        "fused_ms": (t_backbone + t_fused) * 1e3, "matching_extra_bytes": m_fused,
                        "backbone_extra_bytes": m_backbone}
+                if hasattr(fused, "memory_entries"):
+                    row.update(memory_entries=fused.memory_entries, evicted_total=fused.evicted)
                 if reference is not None:
                     if t == 0:
                         _, t_ref, m_ref = meter.run(lambda: reference.start(feats, first_labels, clip.num_labels))
@@ -466,6 +436,8 @@ def run(args: argparse.Namespace) -> int:
                         ref_pred, t_ref, m_ref = meter.run(lambda: reference.step(feats))
                     row.update(reference_matching_ms=t_ref * 1e3, reference_ms=(t_backbone + t_ref) * 1e3,
                                reference_matching_extra_bytes=m_ref)
+                    if hasattr(reference, "memory_entries"):
+                        row["reference_memory_entries"] = reference.memory_entries
                 ids = id_of_label[pred.cpu().numpy()]
                 if reference is not None:
                     row["agreement"] = _mean_object_iou(ids, id_of_label[ref_pred.cpu().numpy()], clip.object_ids)
@@ -473,14 +445,19 @@ def run(args: argparse.Namespace) -> int:
                 mask_img = Image.fromarray(ids)      # mode "L"; putpalette makes it "P", values kept
                 mask_img.putpalette(palette)
                 mask_img.save(stage / "Annotations" / f"{frame_path.stem}.png")
+                if reference is not None:
+                    ref_img = Image.fromarray(id_of_label[ref_pred.cpu().numpy()])
+                    ref_img.putpalette(palette)
+                    ref_img.save(stage / "reference" / "Annotations" / f"{frame_path.stem}.png")
                 Image.fromarray(overlay(rgb, ids, palette)).save(stage / "overlays" / f"{frame_path.stem}.jpg",
                                                                  quality=90)
         bar.close()
         wall = time.perf_counter() - wall0
         metrics = evaluate(stage / "Annotations", clip)
+        ref_metrics = evaluate(stage / "reference" / "Annotations", clip) if reference is not None else None
         _write_gif([stage / "overlays" / f"{s}.jpg" for s in stems], stage / "result.gif")
         _plot(stage / "per_frame.png", stems, rows, metrics, reference is not None)
-        summary = _summary(args, clip, device, rows, wall, meter, fused, metrics, reference is not None)
+        summary = _summary(args, clip, device, rows, wall, meter, fused, metrics, reference is not None, ref_metrics)
         (stage / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         _commit_out(stage, out)
     except BaseException:
@@ -494,7 +471,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _summary(args, clip, device, rows, wall, meter, fused, metrics, compare) -> dict:
+def _summary(args, clip, device, rows, wall, meter, fused, metrics, compare, ref_metrics=None) -> dict:
     import torch
 
     import vos_kernels
@@ -527,6 +504,10 @@ def _summary(args, clip, device, rows, wall, meter, fused, metrics, compare) -> 
         m_r = sum(r["reference_matching_ms"] for r in rows[1:])
         agree = [r["agreement"] for r in rows]
         ref_extra = max(r["reference_matching_extra_bytes"] for r in rows)
+        # cfbi: the same rule on two implementations, so they must agree. stcn-lfu: the
+        # reference is STCN's unbounded memory; the two hold the same entries (and must
+        # agree) only on the frames before the bank's first eviction.
+        gated = [r["agreement"] for r in rows if r.get("evicted_total", 0) == 0]
         s["compare"] = {
             "reference_fps": n / ref_s if ref_s > 0 else None,
             "speedup_end_to_end": ref_s / fused_s if fused_s > 0 else None,
@@ -535,8 +516,17 @@ def _summary(args, clip, device, rows, wall, meter, fused, metrics, compare) -> 
             "reference_matching_peak_extra_bytes": ref_extra,
             "memory_ratio": s["matching_peak_extra_bytes"] / ref_extra if ref_extra else None,
             "agreement_min": min(agree), "agreement_mean": float(np.mean(agree)),
-            "agreement_floor": AGREEMENT_FLOOR, "agreement_ok": min(agree) >= AGREEMENT_FLOOR,
+            "agreement_floor": AGREEMENT_FLOOR, "agreement_ok": min(gated) >= AGREEMENT_FLOOR,
+            "agreement_checked_frames": len(gated),
+            "reference_metrics": ref_metrics,
         }
+        if args.method == "stcn-lfu":
+            s["compare"]["reference_kind"] = (f"STCN unbounded memory (every {args.mem_every} frames, dense top-k "
+                                              "read, vos_kernels.reference)")
+            s["compare"]["reference_memory_entries_final"] = rows[-1].get("reference_memory_entries")
+    if args.method == "stcn-lfu":
+        s["memory_entries_final"] = rows[-1].get("memory_entries")
+        s["evicted_total"] = rows[-1].get("evicted_total")
     return s
 
 
@@ -555,13 +545,21 @@ def _print_report(s: dict, out: Path) -> None:
         rows += [("J&F", "n/a (" + s.get("metrics_note", "") + ")")]
     c = s.get("compare")
     if c:
+        rm = c.get("reference_metrics")
+        if rm:
+            rows.append(("reference J&F", f"{rm['J&F']:.3f}  (J {rm['J']:.3f}, F {rm['F']:.3f})"))
         rows += [("reference fps", f"{c['reference_fps']:.2f}"),
                  ("speedup", f"{c['speedup_end_to_end']:.1f}x end to end, {c['speedup_matching']:.1f}x matching"),
                  ("memory", f"{_fmt_bytes(s['matching_peak_extra_bytes'])} fused vs "
                             f"{_fmt_bytes(c['reference_matching_peak_extra_bytes'])} reference "
                             f"({100 * (c['memory_ratio'] or 0):.1f}%)"),
                  ("agreement", f"min IoU {c['agreement_min']:.6f}, mean {c['agreement_mean']:.6f} "
-                               f"({'ok' if c['agreement_ok'] else 'FAIL'}, floor {c['agreement_floor']})")]
+                               f"({'ok' if c['agreement_ok'] else 'FAIL'}, floor {c['agreement_floor']} on "
+                               f"{c['agreement_checked_frames']} of {s['frames']} frames)")]
+    if s.get("memory_entries_final") is not None:
+        c_entries = (c or {}).get("reference_memory_entries_final")
+        rows.append(("memory entries", f"{s['memory_entries_final']} in the LFU bank ({s['evicted_total']} evicted)"
+                     + (f" vs {c_entries} unbounded" if c_entries else "")))
     rows.append(("output", str(out)))
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
@@ -584,6 +582,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--max-frames", type=_positive_int, default=None, help="segment only the first N frames")
     p.add_argument("--scale", type=_scale, default=1.0,
                    help="resize frames by S before the backbone (masks are written at full size; default 1)")
+    p.add_argument("--memory-frames", type=_memory_frames, default=2.0,
+                   help="stcn-lfu: LFU bank capacity in frames' worth of entries, frame 0 included (default 2)")
+    p.add_argument("--mem-every", type=_positive_int, default=5,
+                   help="stcn-lfu: write a frame to memory every N frames (default 5, STCN)")
+    p.add_argument("--top-k", type=_positive_int, default=20, help="stcn-lfu: k of the top-k read (default 20, STCN)")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -604,6 +607,7 @@ def _bounded(kind, lo: float, hi: float, lo_open: bool, what: str):
 
 _positive_int = _bounded(int, 1, sys.maxsize, False, "a positive integer")
 _scale = _bounded(float, 0.0, 4.0, True, "a number in (0, 4]")
+_memory_frames = _bounded(float, 2.0, 1e6, False, "a number of frames >= 2 (frame 0 is kept, one more must fit)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,8 @@
 // (2 m·q − ‖m‖²)·scale and folds them into a running top-k per query (a sorted array of
 // k' = min(k, Nm) entries; candidates arrive in increasing memory index and only a
 // strictly better value enters, so ties keep the lowest index; NaN ranks above every
-// number, as in torch.topk). Then a max-subtracted softmax over the k' values and a
+// number, as in torch.topk); once a query's top-k is full, affinities are tested 16 at a
+// time against its k-th value and only blocks with a candidate are inserted. Then a max-subtracted softmax over the k' values and a
 // gather readout of k' value rows. Usage counters are added afterwards in query order
 // (deterministic): "hits" adds 1 per (query, selected entry), "weights" adds the softmax
 // weight. Memory: the outputs, one 512 KiB tile per thread, ‖m‖²; never Nm × Nq.
@@ -27,6 +28,7 @@ using at::Tensor;
 
 constexpr int64_t kTopkTileRows = 64;
 constexpr int64_t kTopkTileElems = int64_t(1) << 17;  // 512 KiB of float per thread
+constexpr int64_t kFoldBlock = 16;                       // affinities tested per threshold check
 
 template <typename T>
 inline bool ranks_above(T a, T b) {  // a strictly better than b; NaN above numbers
@@ -95,10 +97,27 @@ void topk_one_batch(const Tensor& query,   // [Nq, CK] contiguous
         const int64_t n = std::min(BN, Nm - n0);
         Tensor dots = tile.narrow(0, 0, m * n).view({m, n});
         at::mm_out(dots, qt, memory_t.narrow(1, n0, n));  // BLAS: [m, CK] x [CK, n]
+        const T* mn = mnorm.data() + n0;
         for (int64_t r = 0; r < m; ++r) {
           const T* row = tp + r * n;
           TopK<T>& h = heaps[r];
-          for (int64_t j = 0; j < n; ++j) h.offer((2 * row[j] - mnorm[n0 + j]) * sc, n0 + j);
+          int64_t j = 0;
+          for (; j < n && h.filled < K; ++j) h.offer((2 * row[j] - mn[j]) * sc, n0 + j);
+          // Full heap: test a block of affinities against the k-th value at once (a
+          // vectorisable loop; `!(s <= thr)` is true for NaN too), and only blocks holding a
+          // candidate take the branchy insertion. After the first tiles that is rare.
+          for (; j < n; j += kFoldBlock) {
+            const int64_t len = std::min(kFoldBlock, n - j);
+            T s[kFoldBlock];
+            const T thr = h.v[K - 1];
+            int any = 0;
+            for (int64_t u = 0; u < len; ++u) {
+              s[u] = (2 * row[j + u] - mn[j + u]) * sc;
+              any |= !(s[u] <= thr);
+            }
+            if (!any) continue;
+            for (int64_t u = 0; u < len; ++u) h.offer(s[u], n0 + j + u);
+          }
         }
       }
       // softmax over the k' selected affinities (max subtracted), then the gather readout

@@ -8,12 +8,12 @@ Same contract as the C++ CPU kernel (``csrc/cpu/memory_read.cpp``) and
 usage counters added in the same call (``"hits"``: 1 per (query, selected entry);
 ``"weights"``: the softmax weight).
 
-Two launches, neither of which allocates memory × query:
+Two or three launches, none of which allocates memory × query:
 
-1. ``_topk_select_kernel`` — one program per (block of queries, batch). It streams the
-   memory keys in tiles of ``BLOCK_M`` rows, computes the affinity tile with ``tl.dot``
-   (IEEE fp32: no TF32, so the selection matches the CPU kernel up to fp32 rounding) and
-   folds it into a running top-``KP`` per query (``KP`` = k' rounded up to a power of 2).
+1. ``_topk_select_kernel`` — one program per (block of queries, memory split, batch). It
+   streams its split of the memory keys in tiles of ``BLOCK_M`` rows, computes the
+   affinity tile with ``tl.dot`` (IEEE fp32: no TF32, so the selection matches the CPU
+   kernel up to fp32 rounding) and folds it into a running top-``KP`` per query (``KP`` = k' rounded up to a power of 2).
    Every candidate is packed into one int64 — a sign-corrected copy of the fp32 bits in
    the high word (so integer order is float order; -0 becomes +0 and every NaN the
    largest key) and the complemented memory index in the low word (so equal values order
@@ -23,8 +23,13 @@ Two launches, neither of which allocates memory × query:
    left. After the first tiles few candidates pass the threshold, so the insertion loop
    runs a few times per tile. (``tl.topk``/``tl.sort`` bitonic networks were the first
    version: correct, but 20-50× slower under the interpreter, and a full sort of every
-   tile where a threshold test suffices.) At the end it orders the k' survivors, decodes
-   values and indices and writes the indices and max-subtracted softmax weights.
+   tile where a threshold test suffices.) With one split it then orders the k' survivors,
+   decodes values and indices and writes the indices and max-subtracted softmax weights
+   (``_finish``); with several it writes its partial top-KP keys to a
+   ``[B, splits, Nq, KP]`` int64 scratch (O(Nq), not O(Nq·Nm)) and
+   ``_topk_merge_kernel`` reduces them per query and finishes. Splits exist to fill the
+   GPU: STCN's Nq = 1620 gives only 26 query blocks for 132 SMs. Keys are unique, so the
+   result does not depend on the number of splits.
 2. ``_gather_readout_kernel`` — one program per (query, block of value channels, batch):
    gathers the k' value rows, writes their weighted sum, and (program of the first
    channel block only) adds the usage with atomics. ``"hits"`` adds integers, so its
@@ -61,29 +66,59 @@ def _pack(s, col, valid):
 
 
 @triton.jit
+def _finish(run, offs_q, q_mask, b, Nq, K, idx_ptr, w_ptr, BLOCK_Q: tl.constexpr, KP: tl.constexpr):
+    """Order the KP unique packed keys of each query (largest first: KP rounds of a row
+    max), decode value and index, and write the k' indices and max-subtracted softmax."""
+    SENT = tl.full([1, 1], -2147483647 - 1, tl.int32).to(tl.int64) << 32
+    slots = tl.arange(0, KP)
+    top = tl.zeros([BLOCK_Q, KP], dtype=tl.int64) + SENT
+    for j in range(KP):                  # runtime loop: unrolling it made ptxas take minutes
+        mx = tl.max(run, axis=1)
+        top = tl.where(slots[None, :] == j, mx[:, None], top)
+        run = tl.where(run == mx[:, None], SENT, run)
+    key = (top >> 32).to(tl.int32)
+    bits = tl.where(key >= 0, key, key ^ 2147483647)
+    val = bits.to(tl.float32, bitcast=True)
+    idx = 4294967295 - (top & 4294967295)
+    k_mask = slots < K
+    vmax = tl.sum(tl.where(slots[None, :] == 0, val, 0.0), axis=1)   # NaN stays NaN
+    e = tl.where(k_mask[None, :], tl.exp(val - vmax[:, None]), 0.0)
+    w = e / tl.sum(e, axis=1)[:, None]
+    out_off = b * Nq * K + offs_q.to(tl.int64)[:, None] * K + slots[None, :]
+    o_mask = q_mask[:, None] & k_mask[None, :]
+    tl.store(idx_ptr + out_off, idx, mask=o_mask)
+    tl.store(w_ptr + out_off, w, mask=o_mask)
+
+
+@triton.jit
 def _topk_select_kernel(
     q_ptr,        # [B, Nq, CK] contiguous (fp32 / fp16 / bf16)
     m_ptr,        # [B, Nm, CK] contiguous
-    idx_ptr,      # [B, Nq, K] int64 out
-    w_ptr,        # [B, Nq, K] fp32 out
-    Nq, Nm, CK, K, scale,
+    idx_ptr,      # [B, Nq, K] int64 out (SPLITS == 1)
+    w_ptr,        # [B, Nq, K] fp32 out (SPLITS == 1)
+    part_ptr,     # [B, SPLITS, Nq, KP] int64 partial top-KP per memory split (SPLITS > 1)
+    Nq, Nm, CK, K, scale, split_rows,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, KP: tl.constexpr,
+    SPLITS: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
     offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     q_mask = offs_q < Nq
     offs_c = tl.arange(0, BLOCK_C)
     q_rows = q_ptr + b * Nq * CK + offs_q.to(tl.int64)[:, None] * CK
     m_base = m_ptr + b * Nm * CK
+    n_lo = split * split_rows
+    n_hi = tl.minimum(n_lo + split_rows, Nm)
 
     SENT = tl.full([1, 1], -2147483647 - 1, tl.int32).to(tl.int64) << 32   # below every key
     run = tl.zeros([BLOCK_Q, KP], dtype=tl.int64) + SENT   # running top-KP (unordered)
     run_min = tl.min(run, axis=1)
     slots = tl.arange(0, KP)
-    for n0 in range(0, Nm, BLOCK_M):
+    for n0 in range(n_lo, n_hi, BLOCK_M):
         offs_n = n0 + tl.arange(0, BLOCK_M)
-        n_mask = offs_n < Nm
+        n_mask = offs_n < n_hi
         acc = tl.zeros([BLOCK_Q, BLOCK_M], dtype=tl.float32)
         msq = tl.zeros([BLOCK_M], dtype=tl.float32)
         for c0 in range(0, CK, BLOCK_C):
@@ -112,28 +147,38 @@ def _topk_select_kernel(
             packed = tl.where(packed == best[:, None], SENT, packed)
             best = tl.max(packed, axis=1)
 
-    # sort the running top-KP, largest first (KP rounds of a row max; keys are unique)
-    top = tl.zeros([BLOCK_Q, KP], dtype=tl.int64) + SENT
-    for j in tl.static_range(KP):
-        mx = tl.max(run, axis=1)
-        top = tl.where(slots[None, :] == j, mx[:, None], top)
-        run = tl.where(run == mx[:, None], SENT, run)
-    run = top
+    if SPLITS == 1:
+        _finish(run, offs_q, q_mask, b, Nq, K, idx_ptr, w_ptr, BLOCK_Q, KP)
+    else:
+        off = ((b * SPLITS + split) * Nq + offs_q.to(tl.int64)[:, None]) * KP + slots[None, :]
+        tl.store(part_ptr + off, run, mask=q_mask[:, None])
 
-    # decode: run is sorted, largest first
-    key = (run >> 32).to(tl.int32)
-    bits = tl.where(key >= 0, key, key ^ 2147483647)
-    val = bits.to(tl.float32, bitcast=True)
-    idx = 4294967295 - (run & 4294967295)
-    offs_k = tl.arange(0, KP)
-    k_mask = offs_k < K
-    vmax = tl.sum(tl.where(offs_k[None, :] == 0, val, 0.0), axis=1)   # NaN stays NaN
-    e = tl.where(k_mask[None, :], tl.exp(val - vmax[:, None]), 0.0)
-    w = e / tl.sum(e, axis=1)[:, None]
-    out_off = b * Nq * K + offs_q.to(tl.int64)[:, None] * K + offs_k[None, :]
-    o_mask = q_mask[:, None] & k_mask[None, :]
-    tl.store(idx_ptr + out_off, idx, mask=o_mask)
-    tl.store(w_ptr + out_off, w, mask=o_mask)
+
+@triton.jit
+def _topk_merge_kernel(
+    part_ptr,     # [B, SPLITS, Nq, KP] int64 partial top-KP (padding = the sentinel)
+    idx_ptr, w_ptr, Nq, K,
+    BLOCK_Q: tl.constexpr, KP: tl.constexpr, SPLITS: tl.constexpr,
+):
+    """Top-KP of the SPLITS partial sets of each query (keys unique: KP rounds of a row max),
+    then :func:`_finish`."""
+    pid_q = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_mask = offs_q < Nq
+    SENT = tl.full([1, 1], -2147483647 - 1, tl.int32).to(tl.int64) << 32
+    cols = tl.arange(0, SPLITS * KP)
+    split = cols // KP
+    off = ((b * SPLITS + split[None, :]) * Nq + offs_q.to(tl.int64)[:, None]) * KP + (cols % KP)[None, :]
+    cand = tl.load(part_ptr + off, mask=q_mask[:, None], other=0)
+    cand = tl.where(q_mask[:, None], cand, SENT)
+    slots = tl.arange(0, KP)
+    run = tl.zeros([BLOCK_Q, KP], dtype=tl.int64) + SENT
+    for j in range(KP):                  # runtime loop: unrolling it made ptxas take minutes
+        mx = tl.max(cand, axis=1)
+        run = tl.where(slots[None, :] == j, mx[:, None], run)
+        cand = tl.where(cand == mx[:, None], SENT, cand)
+    _finish(run, offs_q, q_mask, b, Nq, K, idx_ptr, w_ptr, BLOCK_Q, KP)
 
 
 @triton.jit
@@ -170,9 +215,26 @@ def _gather_readout_kernel(
             tl.atomic_add(usage_ptr + b * usage_sb + idx * usage_sn, add, mask=k_mask)
 
 
+def _memory_splits(Nm: int, q_blocks: int, block_m: int) -> int:
+    """Memory splits so that the grid fills the GPU (~2 programs per SM), each split at
+    least 8 tiles long; a power of 2 (the merge loads SPLITS · KP keys per query)."""
+    if _interpreting() or not torch.cuda.is_available():
+        return 1
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    splits = 1
+    while q_blocks * splits * 2 <= 2 * sms and Nm // (splits * 2) >= 8 * block_m and splits < 16:
+        splits *= 2
+    return splits
+
+
 def topk_memory_read(query_key: torch.Tensor, memory_key: torch.Tensor, memory_value: torch.Tensor,
-                     k: int, scale: float, usage: torch.Tensor | None = None, usage_mode: int = 0):
+                     k: int, scale: float, usage: torch.Tensor | None = None, usage_mode: int = 0,
+                     memory_splits: int | None = None):
     """Triton entry point with the op's signature (``usage_mode`` 0 none, 1 hits, 2 weights).
+
+    ``memory_splits`` (a power of 2; default: enough programs to fill the GPU, 1 under the
+    interpreter) splits the memory over programs, each writing a partial top-KP that a merge
+    kernel reduces; the result does not depend on it.
 
     Returns ``(readout [B, Nq, CV] fp32, index [B, Nq, k'] int64, weight [B, Nq, k'] fp32)``
     and adds to ``usage`` in place.
@@ -199,9 +261,19 @@ def topk_memory_read(query_key: torch.Tensor, memory_key: torch.Tensor, memory_v
     else:
         block_q, block_m = (64 if KP <= 32 else 32), max(KP, 64)
     block_c = min(max(_next_pow2(CK), 16), 64)
-    _topk_select_kernel[(triton.cdiv(Nq, block_q), B)](
-        q, m, index, weight, Nq, Nm, CK, K, float(scale),
-        BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_C=block_c, KP=KP)
+    q_blocks = triton.cdiv(Nq, block_q)
+    splits = _memory_splits(Nm, q_blocks, block_m) if memory_splits is None else int(memory_splits)
+    if splits < 1 or splits & (splits - 1):
+        raise ValueError(f"memory_splits: expected a power of 2, got {memory_splits!r}")
+    split_rows = triton.cdiv(triton.cdiv(Nm, splits), block_m) * block_m
+    part = (torch.empty((B, splits, Nq, KP), device=dev, dtype=torch.int64) if splits > 1 else index)
+    _topk_select_kernel[(q_blocks, splits, B)](
+        q, m, index, weight, part, Nq, Nm, CK, K, float(scale), split_rows,
+        BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_C=block_c, KP=KP, SPLITS=splits)
+    if splits > 1:
+        merge_q = 16 if splits * KP <= 512 else 8        # [merge_q, splits·KP] int64 candidates in registers
+        _topk_merge_kernel[(triton.cdiv(Nq, merge_q), B)](part, index, weight, Nq, K, BLOCK_Q=merge_q, KP=KP,
+                                                         SPLITS=splits)
     mode = int(usage_mode) if usage is not None else 0
     u = usage if usage is not None else weight          # a valid pointer, never read with mode 0
     usb, usn = (usage.stride(0), usage.stride(1)) if usage is not None else (0, 0)
