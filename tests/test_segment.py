@@ -315,6 +315,11 @@ def test_stcn_lfu_bad_arguments_exit_2(tmp_path):
         assert not (tmp_path / "o").exists()
 
 
+def test_stcn_options_with_cfbi_are_an_error(tmp_path, capsys):
+    clip = make_clip(tmp_path / "clip")
+    expect_error(capsys, tmp_path, clip, "--mem-every: only for --method stcn-lfu", "--mem-every", "3")
+
+
 def test_stcn_lfu_clip_without_ground_truth(tmp_path, capsys):
     clip = make_clip(tmp_path / "clip", n=7)
     out = tmp_path / "out"
@@ -323,3 +328,4 @@ def test_stcn_lfu_clip_without_ground_truth(tmp_path, capsys):
     s = json.loads((out / "summary.json").read_text())
     assert s["metrics"] is None and s["evicted_total"] > 0
     assert "n/a" in run_main.stdout
+    assert not (out / "reference").exists()          # only with --compare-reference

@@ -51,6 +51,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg")
 #: (mean object IoU between the two predictions); less is a bug, not a tolerance.
 AGREEMENT_FLOOR = 0.999
 EXIT_BAD_INPUT = 2
+#: --method stcn-lfu defaults: the AMM thesis's bank of two frames' worth, STCN's write
+#: period and k.
+STCN_DEFAULTS = {"memory_frames": 2.0, "mem_every": 5, "top_k": 20}
 EXIT_DISAGREEMENT = 3
 
 
@@ -289,7 +292,6 @@ def _prepare_out(out: Path) -> Path:
             shutil.rmtree(stage)
         (stage / "Annotations").mkdir(parents=True)
         (stage / "overlays").mkdir()
-        (stage / "reference" / "Annotations").mkdir(parents=True)
     except OSError as exc:
         raise SegmentError(f"cannot write to {out.parent}: {exc}") from None
     return stage
@@ -388,10 +390,17 @@ def run(args: argparse.Namespace) -> int:
         backbone = EfficientNetLite0Features().to(device)
     except MissingBackboneError as exc:
         raise SegmentError(str(exc)) from None
+    stcn_options = {"--memory-frames": args.memory_frames, "--mem-every": args.mem_every, "--top-k": args.top_k}
     if args.method == "cfbi":
+        given = [k for k, v in stcn_options.items() if v is not None]
+        if given:
+            raise SegmentError(f"{', '.join(given)}: only for --method stcn-lfu (not cfbi)")
         fused = TrainingFreeCFBI(matching="fused")
         reference = TrainingFreeCFBI(matching="reference") if args.compare_reference else None
     else:
+        for name, value in STCN_DEFAULTS.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
         stcn = dict(mem_every=args.mem_every, top_k=args.top_k)
         fused = TrainingFreeSTCN(capacity_frames=args.memory_frames, matching="fused", **stcn)
         reference = TrainingFreeSTCN(capacity_frames=None, matching="reference", **stcn) \
@@ -404,6 +413,8 @@ def run(args: argparse.Namespace) -> int:
     palette = (palette + [0] * 768)[:768]
 
     stage = _prepare_out(out)
+    if reference is not None:
+        (stage / "reference" / "Annotations").mkdir(parents=True)
     meter = SectionMeter(device)
     rows: list[dict] = []
     stems = [f.stem for f in clip.frames]
@@ -582,11 +593,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--max-frames", type=_positive_int, default=None, help="segment only the first N frames")
     p.add_argument("--scale", type=_scale, default=1.0,
                    help="resize frames by S before the backbone (masks are written at full size; default 1)")
-    p.add_argument("--memory-frames", type=_memory_frames, default=2.0,
+    p.add_argument("--memory-frames", type=_memory_frames, default=None,
                    help="stcn-lfu: LFU bank capacity in frames' worth of entries, frame 0 included (default 2)")
-    p.add_argument("--mem-every", type=_positive_int, default=5,
+    p.add_argument("--mem-every", type=_positive_int, default=None,
                    help="stcn-lfu: write a frame to memory every N frames (default 5, STCN)")
-    p.add_argument("--top-k", type=_positive_int, default=20, help="stcn-lfu: k of the top-k read (default 20, STCN)")
+    p.add_argument("--top-k", type=_positive_int, default=None, help="stcn-lfu: k of the top-k read (default 20, STCN)")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
