@@ -66,16 +66,23 @@ def _pack(s, col, valid):
 
 
 @triton.jit
-def _finish(run, offs_q, q_mask, b, Nq, K, idx_ptr, w_ptr, BLOCK_Q: tl.constexpr, KP: tl.constexpr):
-    """Order the KP unique packed keys of each query (largest first: KP rounds of a row
-    max), decode value and index, and write the k' indices and max-subtracted softmax."""
+def _take_top(cand, BLOCK_Q: tl.constexpr, KP: tl.constexpr):
+    """The KP largest of each row's unique packed keys, largest first (KP rounds of a row max)."""
     SENT = tl.full([1, 1], -2147483647 - 1, tl.int32).to(tl.int64) << 32
     slots = tl.arange(0, KP)
     top = tl.zeros([BLOCK_Q, KP], dtype=tl.int64) + SENT
     for j in range(KP):                  # runtime loop: unrolling it made ptxas take minutes
-        mx = tl.max(run, axis=1)
+        mx = tl.max(cand, axis=1)
         top = tl.where(slots[None, :] == j, mx[:, None], top)
-        run = tl.where(run == mx[:, None], SENT, run)
+        cand = tl.where(cand == mx[:, None], SENT, cand)
+    return top
+
+
+@triton.jit
+def _finish(top, offs_q, q_mask, b, Nq, K, idx_ptr, w_ptr, KP: tl.constexpr):
+    """Decode the sorted top-KP keys ``top`` of each query into values and indices, and
+    write the k' indices and max-subtracted softmax weights."""
+    slots = tl.arange(0, KP)
     key = (top >> 32).to(tl.int32)
     bits = tl.where(key >= 0, key, key ^ 2147483647)
     val = bits.to(tl.float32, bitcast=True)
@@ -148,7 +155,7 @@ def _topk_select_kernel(
             best = tl.max(packed, axis=1)
 
     if SPLITS == 1:
-        _finish(run, offs_q, q_mask, b, Nq, K, idx_ptr, w_ptr, BLOCK_Q, KP)
+        _finish(_take_top(run, BLOCK_Q, KP), offs_q, q_mask, b, Nq, K, idx_ptr, w_ptr, KP)
     else:
         off = ((b * SPLITS + split) * Nq + offs_q.to(tl.int64)[:, None]) * KP + slots[None, :]
         tl.store(part_ptr + off, run, mask=q_mask[:, None])
@@ -160,8 +167,7 @@ def _topk_merge_kernel(
     idx_ptr, w_ptr, Nq, K,
     BLOCK_Q: tl.constexpr, KP: tl.constexpr, SPLITS: tl.constexpr,
 ):
-    """Top-KP of the SPLITS partial sets of each query (keys unique: KP rounds of a row max),
-    then :func:`_finish`."""
+    """Top-KP of the SPLITS partial sets of each query (:func:`_take_top`), then :func:`_finish`."""
     pid_q = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -172,13 +178,7 @@ def _topk_merge_kernel(
     off = ((b * SPLITS + split[None, :]) * Nq + offs_q.to(tl.int64)[:, None]) * KP + (cols % KP)[None, :]
     cand = tl.load(part_ptr + off, mask=q_mask[:, None], other=0)
     cand = tl.where(q_mask[:, None], cand, SENT)
-    slots = tl.arange(0, KP)
-    run = tl.zeros([BLOCK_Q, KP], dtype=tl.int64) + SENT
-    for j in range(KP):                  # runtime loop: unrolling it made ptxas take minutes
-        mx = tl.max(cand, axis=1)
-        run = tl.where(slots[None, :] == j, mx[:, None], run)
-        cand = tl.where(cand == mx[:, None], SENT, cand)
-    _finish(run, offs_q, q_mask, b, Nq, K, idx_ptr, w_ptr, BLOCK_Q, KP)
+    _finish(_take_top(cand, BLOCK_Q, KP), offs_q, q_mask, b, Nq, K, idx_ptr, w_ptr, KP)
 
 
 @triton.jit
