@@ -37,3 +37,9 @@ def _reset_backend():
     before = vos_kernels.get_backend()
     yield
     vos_kernels.set_backend(before)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Repeat the seed at the end of a failing run (the header is hidden under -q)."""
+    if exitstatus not in (0, 5):
+        terminalreporter.write_line(f"vos_kernels test seed: VOS_TEST_SEED={SESSION_SEED} (set it to replay this run)")

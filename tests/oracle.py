@@ -180,3 +180,17 @@ def topk_read(query_key, memory_key, memory_value, k, scale):
                                                                  torch.ones(B, Nq * K, dtype=torch.float64))
     wsum = torch.zeros(B, Nm, dtype=torch.float64).scatter_add_(1, order.reshape(B, -1), w.detach().reshape(B, -1))
     return readout, order, w, hits, wsum
+
+
+def topk_unambiguous(query_key, memory_key, k, scale, eps=1e-4):
+    """``[B, Nq]`` bool: queries whose top-k selection and order float32 cannot get wrong —
+    every gap between consecutive values among the ``min(k + 1, Nm)`` largest float64
+    affinities exceeds ``eps`` (float32 affinities here are off by ~1e-6 relative). Exact
+    ties are tested separately with integer inputs."""
+    q, m = query_key.detach().double(), memory_key.detach().double()
+    s = (2 * torch.einsum("bnc,bqc->bqn", m, q) - (m * m).sum(-1).unsqueeze(1)) * scale
+    n = min(k + 1, s.shape[-1])
+    top = torch.sort(torch.nan_to_num(s, nan=float("inf")), dim=-1, descending=True).values[..., :n]
+    if n < 2:
+        return torch.ones(s.shape[:2], dtype=torch.bool)
+    return ((top[..., :-1] - top[..., 1:]) > eps).all(-1)

@@ -39,11 +39,20 @@ def test_against_float64_oracle(gen, shape, mode):
     K = min(k, Nm)
     assert out.shape == (B, Nq, CV) and idx.shape == (B, Nq, K) and w.shape == (B, Nq, K)
     assert out.dtype == torch.float32 and idx.dtype == torch.int64
-    assert torch.equal(idx, o_idx)
-    torch.testing.assert_close(w.double(), o_w, atol=2e-6, rtol=1e-5)
-    torch.testing.assert_close(out.double(), r, atol=2e-5, rtol=1e-5)
-    expect = start.double() + (hits if mode == "hits" else wsum)
-    torch.testing.assert_close(usage.double(), expect, atol=1e-4, rtol=1e-6)
+    # queries with a float64 near-tie (< 1e-4) among the k+1 largest may legitimately differ
+    # in float32; the others (most of them, checked) must match exactly
+    ok = oracle.topk_unambiguous(q, m, k, 1 / math.sqrt(CK))
+    assert ok.float().mean() > 0.5, ok.float().mean()
+    assert torch.equal(idx[ok], o_idx[ok])
+    torch.testing.assert_close(w[ok].double(), o_w[ok], atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(out[ok].double(), r[ok], atol=2e-5, rtol=1e-5)
+    # usage: a brute-force count of what the kernel selected, and the oracle's when unambiguous
+    own = torch.zeros(B, Nm, dtype=torch.float64).scatter_add_(
+        1, idx.reshape(B, -1), torch.ones(B, Nq * K, dtype=torch.float64) if mode == "hits" else w.double().reshape(B, -1))
+    torch.testing.assert_close(usage.double(), start.double() + own, atol=1e-4, rtol=1e-6)
+    if bool(ok.all()):
+        expect = start.double() + (hits if mode == "hits" else wsum)
+        torch.testing.assert_close(usage.double(), expect, atol=1e-4, rtol=1e-6)
 
 
 def test_float64_is_exact_to_rounding(gen):
@@ -76,8 +85,11 @@ def test_non_contiguous_inputs(gen):
     usage = torch.zeros(2, 800)[:, ::2]                              # strided counters
     out = vk.topk_memory_read(q, m, v, 10, usage=usage)
     r, _, _, hits, _ = oracle.topk_read(q, m, v, 10, 0.25)
-    torch.testing.assert_close(out.double(), r, atol=2e-5, rtol=1e-5)
-    assert torch.equal(usage.double(), hits)
+    ok = oracle.topk_unambiguous(q, m, 10, 0.25)
+    torch.testing.assert_close(out[ok].double(), r[ok], atol=2e-5, rtol=1e-5)
+    if bool(ok.all()):
+        assert torch.equal(usage.double(), hits)
+    assert float(usage.sum()) == 2 * 50 * 10
 
 
 def test_nan_propagates():
