@@ -55,6 +55,26 @@ CFBIP_LOCAL_ATROUS = {4: 2, 8: 1, 16: 1}
 CFBIP_GLOBAL_ATROUS = {4: 2, 8: 1, 16: 1}
 
 
+def check_first_mask(labels: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """Validate a first-frame mask: ``[H, W]`` integers in ``[0, num_labels)`` with at least
+    one object pixel, ``num_labels >= 2``. Returns it as int64.
+
+    Raises:
+        ValueError: naming ``labels`` or ``num_labels``.
+    """
+    if labels.dim() != 2 or labels.is_floating_point():
+        raise ValueError(f"labels: expected an integer tensor [H, W], got {labels.dtype} {tuple(labels.shape)}")
+    if num_labels < 2:
+        raise ValueError(f"num_labels: expected >= 2 (background + at least one object), got {num_labels}")
+    labels = labels.long()
+    if int(labels.min()) < 0 or int(labels.max()) >= num_labels:
+        raise ValueError(f"labels: expected values in [0, {num_labels}), got "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+    if not bool((labels > 0).any()):
+        raise ValueError("labels: the first-frame mask has no object pixel")
+    return labels
+
+
 def downsample_labels(labels: torch.Tensor, num_labels: int, size: tuple[int, int]) -> torch.Tensor:
     """Area-majority downsampling of an integer mask.
 
@@ -194,16 +214,7 @@ class TrainingFreeCFBI:
         Raises:
             ValueError: labels not a 2-D integer tensor in range, or with no object pixel.
         """
-        if labels.dim() != 2 or labels.is_floating_point():
-            raise ValueError(f"labels: expected an integer tensor [H, W], got {labels.dtype} {tuple(labels.shape)}")
-        if num_labels < 2:
-            raise ValueError(f"num_labels: expected >= 2 (background + at least one object), got {num_labels}")
-        labels = labels.long()
-        if int(labels.min()) < 0 or int(labels.max()) >= num_labels:
-            raise ValueError(f"labels: expected values in [0, {num_labels}), got "
-                             f"[{int(labels.min())}, {int(labels.max())}]")
-        if not bool((labels > 0).any()):
-            raise ValueError("labels: the first-frame mask has no object pixel")
+        labels = check_first_mask(labels, num_labels)
         self.num_labels = int(num_labels)
         self._size = (int(labels.shape[0]), int(labels.shape[1]))
         emb = self.embed(features)

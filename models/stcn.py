@@ -31,6 +31,8 @@ import vos_kernels
 from vos_kernels import reference as _reference
 from vos_kernels.memory_bank import USAGE_MODES, LFUMemoryBank
 
+from .propagation import check_first_mask
+
 
 class MemoryReader(torch.nn.Module):
     """STCN's inference memory with a fused top-k read, bounded by LFU eviction or not.
@@ -181,15 +183,7 @@ class TrainingFreeSTCN:
 
     def start(self, features: Mapping[int, torch.Tensor], labels: torch.Tensor, num_labels: int) -> None:
         """Frame 0: features, ``labels [H, W]`` in ``[0, num_labels)`` (at least one object pixel)."""
-        if labels.dim() != 2 or labels.is_floating_point():
-            raise ValueError(f"labels: expected an integer tensor [H, W], got {labels.dtype} {tuple(labels.shape)}")
-        if num_labels < 2:
-            raise ValueError(f"num_labels: expected >= 2 (background + at least one object), got {num_labels}")
-        if int(labels.min()) < 0 or int(labels.max()) >= num_labels:
-            raise ValueError(f"labels: expected values in [0, {num_labels}), got "
-                             f"[{int(labels.min())}, {int(labels.max())}]")
-        if not bool((labels > 0).any()):
-            raise ValueError("labels: the first-frame mask has no object pixel")
+        labels = check_first_mask(labels, num_labels)
         key = self.key(features)
         self.num_labels = int(num_labels)
         self._size = (int(labels.shape[0]), int(labels.shape[1]))

@@ -194,3 +194,11 @@ def topk_unambiguous(query_key, memory_key, k, scale, eps=1e-4):
     if n < 2:
         return torch.ones(s.shape[:2], dtype=torch.bool)
     return ((top[..., :-1] - top[..., 1:]) > eps).all(-1)
+
+
+def usage_of(index, weight, num_memory, hits):
+    """Brute-force usage of a selection: per memory entry, the number of (query, slot) pairs
+    holding it (``hits``) or the sum of their weights. ``[B, Nm]`` float64."""
+    B = index.shape[0]
+    add = torch.ones(index.numel() // B, dtype=torch.float64).expand(B, -1) if hits else weight.double().reshape(B, -1)
+    return torch.zeros(B, num_memory, dtype=torch.float64).scatter_add_(1, index.reshape(B, -1), add)

@@ -47,8 +47,7 @@ def test_against_float64_oracle(gen, shape, mode):
     torch.testing.assert_close(w[ok].double(), o_w[ok], atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(out[ok].double(), r[ok], atol=2e-5, rtol=1e-5)
     # usage: a brute-force count of what the kernel selected, and the oracle's when unambiguous
-    own = torch.zeros(B, Nm, dtype=torch.float64).scatter_add_(
-        1, idx.reshape(B, -1), torch.ones(B, Nq * K, dtype=torch.float64) if mode == "hits" else w.double().reshape(B, -1))
+    own = oracle.usage_of(idx, w, Nm, hits=mode == "hits")
     torch.testing.assert_close(usage.double(), start.double() + own, atol=1e-4, rtol=1e-6)
     if bool(ok.all()):
         expect = start.double() + (hits if mode == "hits" else wsum)

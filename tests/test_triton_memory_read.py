@@ -56,8 +56,7 @@ def test_kernel_against_float64_oracle(gen, shape, mode):
     assert torch.equal(idx[ok], o_idx[ok])
     torch.testing.assert_close(w[ok].double(), o_w[ok], atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(out[ok].double(), r[ok], atol=2e-5, rtol=1e-5)
-    own = torch.zeros(B, Nm, dtype=torch.float64).scatter_add_(
-        1, idx.reshape(B, -1), torch.ones(B, Nq * K, dtype=torch.float64) if mode == 1 else w.double().reshape(B, -1))
+    own = oracle.usage_of(idx, w, Nm, hits=mode == 1)
     torch.testing.assert_close(usage.cpu().double(), start.cpu().double() + own, atol=1e-4, rtol=1e-6)
     if bool(ok.all()):
         expect = start.cpu().double() + (hits if mode == 1 else wsum)

@@ -34,7 +34,6 @@ import datetime
 import json
 import math
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -87,8 +86,7 @@ class ClipStream:
 
         clip = open_clip(str(path))
         self.name = clip.name
-        label_of_id = np.zeros(256, dtype=np.int64)
-        label_of_id[clip.object_ids] = np.arange(1, clip.num_labels)
+        label_of_id = clip.label_map()
         backbone = EfficientNetLite0Features(strides=(16,)).to(device)
         self.keys, self.vals = [], []
         mask = clip.first_mask
@@ -391,5 +389,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    t0 = time.perf_counter()
     sys.exit(main())

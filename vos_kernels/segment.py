@@ -117,6 +117,12 @@ class Clip:
     def num_labels(self) -> int:
         return len(self.object_ids) + 1
 
+    def label_map(self) -> np.ndarray:
+        """``[256]`` int64 lookup from object id to label (0 background, 1.. in id order)."""
+        table = np.zeros(256, dtype=np.int64)
+        table[self.object_ids] = np.arange(1, self.num_labels)
+        return table
+
 
 def open_clip(path: str | os.PathLike | None, max_frames: int | None = None) -> Clip:
     """Validate a clip folder and read its first mask.
@@ -406,8 +412,7 @@ def run(args: argparse.Namespace) -> int:
         reference = TrainingFreeSTCN(capacity_frames=None, matching="reference", **stcn) \
             if args.compare_reference else None
     id_of_label = np.array([0] + clip.object_ids, dtype=np.uint8)
-    label_of_id = np.zeros(256, dtype=np.int64)
-    label_of_id[clip.object_ids] = np.arange(1, clip.num_labels)
+    label_of_id = clip.label_map()
     first_labels = torch.from_numpy(label_of_id[clip.first_mask]).to(device)
     palette = clip.palette or davis_palette()
     palette = (palette + [0] * 768)[:768]
