@@ -237,6 +237,126 @@ def topk_read_interpreted(query_key, memory_key, memory_value, k, scale, usage, 
 
 
 # ----------------------------------------------------------------------------------------
+# GMM prototypes and A-GAME Gaussians: backward formulas of docs/internals.md. The two
+# A-GAME backward passes are ops (C++ / Triton); the prototype ops' backward are GEMMs.
+# ----------------------------------------------------------------------------------------
+
+
+def _backward_op(ctx, name):
+    """The backward op: the registered kernel, or the Triton kernel when the forward ran
+    in the Triton interpreter on CPU tensors."""
+    return _triton_entry(name) if getattr(ctx, "interpreted", False) else getattr(torch.ops.vos_kernels, name)
+
+
+def _proto_values_setup(ctx, inputs, output):
+    values, resp = inputs
+    ctx.dtypes = (values.dtype, resp.dtype)
+    ctx.save_for_backward(values, resp, output)
+
+
+def _proto_values_backward(ctx, grad):
+    values, resp, out = ctx.saved_tensors
+    dt = out.dtype
+    v, r, g = values.to(dt), resp.to(dt), grad.to(dt)
+    den = 1e-6 + r.sum(dim=1)                                    # [B, K]
+    gd = g / den.unsqueeze(-1)                                   # [B, K, CV]
+    grad_v = grad_r = None
+    if ctx.needs_input_grad[0]:
+        grad_v = torch.bmm(r, gd).to(ctx.dtypes[0])
+    if ctx.needs_input_grad[1]:
+        grad_r = (torch.bmm(v, gd.transpose(1, 2)) - (out * gd).sum(-1).unsqueeze(1)).to(ctx.dtypes[1])
+    return grad_v, grad_r
+
+
+def _proto_attention_setup(ctx, inputs, output):
+    query, keys, values, kappa, kernel = inputs
+    ctx.kappa, ctx.kernel = kappa, kernel
+    ctx.dtypes = (query.dtype, keys.dtype, values.dtype)
+    ctx.save_for_backward(query, keys, values, output[1])
+
+
+def _proto_attention_backward(ctx, grad_out, _grad_attn):
+    query, keys, values, attn = ctx.saved_tensors
+    dt = attn.dtype
+    q, mu, v, g = query.to(dt), keys.to(dt), values.to(dt), grad_out.to(dt)
+    kappa = ctx.kappa
+    g_attn = torch.bmm(g, v.transpose(1, 2))                     # [B, Nq, K]
+    if _grad_attn is not None:
+        g_attn = g_attn + _grad_attn.to(dt)
+    gl = attn * (g_attn - (attn * g_attn).sum(-1, keepdim=True))   # softmax backward
+    grad_q = grad_k = grad_v = None
+    if ctx.needs_input_grad[0]:
+        grad_q = kappa * torch.bmm(gl, mu)
+        if ctx.kernel == 1:
+            grad_q = grad_q - kappa * gl.sum(-1, keepdim=True) * q
+        grad_q = grad_q.to(ctx.dtypes[0])
+    if ctx.needs_input_grad[1]:
+        grad_k = kappa * torch.bmm(gl.transpose(1, 2), q)
+        if ctx.kernel == 1:
+            grad_k = grad_k - kappa * gl.sum(1).unsqueeze(-1) * mu
+        grad_k = grad_k.to(ctx.dtypes[1])
+    if ctx.needs_input_grad[2]:
+        grad_v = torch.bmm(attn.transpose(1, 2), g).to(ctx.dtypes[2])
+    return grad_q, grad_k, grad_v, None, None
+
+
+def _log_prob_setup(ctx, inputs, output):
+    x, mean, var = inputs
+    ctx.save_for_backward(x, mean, var)
+
+
+def _log_prob_backward(ctx, grad):
+    x, mean, var = ctx.saved_tensors
+    gx, gm, gv = _backward_op(ctx, "diag_gmm_log_prob_backward")(grad.contiguous(), x, mean, var)
+    return gx.to(x.dtype), gm.to(mean.dtype), gv.to(var.dtype)
+
+
+def _fit_setup(ctx, inputs, output):
+    x, weights, var_reg = inputs
+    ctx.var_reg_dtype = var_reg.dtype
+    ctx.save_for_backward(x, weights, output[0])
+
+
+def _fit_backward(ctx, grad_mean, grad_var):
+    x, weights, mean = ctx.saved_tensors
+    grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean.to(mean.dtype).contiguous()
+    grad_var = torch.zeros_like(mean) if grad_var is None else grad_var.to(mean.dtype).contiguous()
+    gx, gw = _backward_op(ctx, "diag_gmm_fit_backward")(grad_mean, grad_var, x, weights, mean)
+    return gx.to(x.dtype), gw.to(weights.dtype), grad_var.sum(0).to(ctx.var_reg_dtype)
+
+
+_GMM_AUTOGRAD = {
+    "prototype_values": (_proto_values_setup, _proto_values_backward),
+    "prototype_attention": (_proto_attention_setup, _proto_attention_backward),
+    "diag_gmm_log_prob": (_log_prob_setup, _log_prob_backward),
+    "diag_gmm_fit": (_fit_setup, _fit_backward),
+}
+GMM_OPS = ("gmm_em", "prototype_values", "prototype_attention", "diag_gmm_log_prob", "diag_gmm_log_prob_backward",
+           "diag_gmm_fit", "diag_gmm_fit_backward")
+
+
+def gmm_interpreted(name, *args):
+    """A GMM op's Triton kernel on CPU tensors (``TRITON_INTERPRET=1``), with the op's autograd."""
+    entry = _triton_entry(name)
+    if name not in _GMM_AUTOGRAD:
+        return entry(*args)
+    setup, backward = _GMM_AUTOGRAD[name]
+
+    def setup_interpreted(ctx, inputs, output):
+        ctx.interpreted = True
+        setup(ctx, inputs, output)
+
+    fn = _InterpretedTriton._cache.get("gmm:" + name)
+    if fn is None:
+        fn = type(f"TritonInterpreted_{name}", (torch.autograd.Function,),
+                  {"forward": staticmethod(lambda *a: entry(*a)),
+                   "setup_context": staticmethod(setup_interpreted),
+                   "backward": staticmethod(backward)})
+        _InterpretedTriton._cache["gmm:" + name] = fn
+    return fn.apply(*args)
+
+
+# ----------------------------------------------------------------------------------------
 # Registration
 # ----------------------------------------------------------------------------------------
 
@@ -282,6 +402,46 @@ def _register() -> None:
         return (query_key.new_empty((B, Nq, memory_value.shape[2]), dtype=dt),
                 query_key.new_empty((B, Nq, K), dtype=torch.int64), query_key.new_empty((B, Nq, K), dtype=dt))
 
+    @torch.library.register_fake(lib + "gmm_em")
+    def _(x, means, num_iters, kappa, mask, kernel, normalize_means):
+        B, N, C = x.shape
+        dt = _out_dtype(x)
+        return x.new_empty((B, means.shape[1], C), dtype=dt), x.new_empty((B, N, means.shape[1]), dtype=dt)
+
+    @torch.library.register_fake(lib + "prototype_values")
+    def _(values, resp):
+        return values.new_empty((values.shape[0], resp.shape[2], values.shape[2]), dtype=_out_dtype(values))
+
+    @torch.library.register_fake(lib + "prototype_attention")
+    def _(query, proto_keys, proto_values, kappa, kernel):
+        B, Nq, _C = query.shape
+        dt = _out_dtype(query)
+        return (query.new_empty((B, Nq, proto_values.shape[2]), dtype=dt),
+                query.new_empty((B, Nq, proto_keys.shape[1]), dtype=dt))
+
+    @torch.library.register_fake(lib + "diag_gmm_log_prob")
+    def _(x, mean, var):
+        return x.new_empty((x.shape[0], x.shape[1], mean.shape[1]), dtype=_out_dtype(x))
+
+    @torch.library.register_fake(lib + "diag_gmm_log_prob_backward")
+    def _(grad, x, mean, var):
+        dt = _out_dtype(x)
+        return x.new_empty(x.shape, dtype=dt), x.new_empty(mean.shape, dtype=dt), x.new_empty(var.shape, dtype=dt)
+
+    @torch.library.register_fake(lib + "diag_gmm_fit")
+    def _(x, weights, var_reg):
+        shape = (x.shape[0], weights.shape[2], x.shape[2])
+        dt = _out_dtype(x)
+        return x.new_empty(shape, dtype=dt), x.new_empty(shape, dtype=dt)
+
+    @torch.library.register_fake(lib + "diag_gmm_fit_backward")
+    def _(grad_mean, grad_var, x, weights, mean):
+        dt = _out_dtype(x)
+        return x.new_empty(x.shape, dtype=dt), x.new_empty(weights.shape, dtype=dt)
+
+    for name, (setup, backward) in _GMM_AUTOGRAD.items():
+        torch.library.register_autograd(lib + name, backward, setup_context=setup)
+
     _IMPL_LIB.impl("topk_memory_read", _topk_autograd, "Autograd")
 
     torch.library.register_autograd(lib + "labelled_nearest_sqdist", _sqdist_backward, setup_context=_sqdist_setup)
@@ -292,7 +452,7 @@ def _register() -> None:
     # CUDA tensors: Triton kernels (imported lazily so that importing vos_kernels never
     # needs triton, and TRITON_INTERPRET is read when the kernels are first used).
     for name in ("labelled_nearest_sqdist", "fb_global_matching", "fb_multi_local_matching",
-                 "fb_instance_pooling", "nearest_sqdist_backward", "topk_memory_read"):
+                 "fb_instance_pooling", "nearest_sqdist_backward", "topk_memory_read") + GMM_OPS:
         if not torch._C._dispatch_has_kernel_for_dispatch_key(lib + name, "CUDA"):
             torch.library.register_kernel(lib + name, "cuda", _triton_entry(name))
 

@@ -38,6 +38,12 @@ __all__ = [
     "foreground2background",
     "fb_multi_local_matching",
     "fb_instance_pooling",
+    "topk_memory_read",
+    "gmm_em",
+    "prototype_values",
+    "prototype_attention",
+    "diag_gmm_log_prob",
+    "diag_gmm_fit",
 ]
 
 # CFBI's padding constant for wrong-label pairs. Kept for documentation / the
@@ -467,3 +473,94 @@ def topk_memory_read(query_key, memory_key, memory_value, k, scale=None, usage=N
     if return_topk:
         return readout, (indices.transpose(1, 2), x_exp.transpose(1, 2))
     return readout
+
+
+# ------------------------------------------------------------ GMM prototypes (PCAN, EMANet)
+def _l2norm(inp, dim):
+    """PCAN / EMANet ``_l2norm``: ``inp / (1e-6 + ‖inp‖)``."""
+    return inp / (1e-6 + inp.norm(dim=dim, keepdim=True))
+
+
+def _l1norm(inp, dim):
+    """PCAN / EMANet ``_l1norm``: ``inp / (1e-6 + Σ inp)``."""
+    return inp / (1e-6 + inp.sum(dim=dim, keepdim=True))
+
+
+def _logits(x_cf, mu_cf, kappa, kernel):
+    """E-step logits ``[B, N, K]`` from channels-first ``x [B, C, N]`` and ``mu [B, C, K]``:
+    ``kappa · xᵀμ`` (``"dot"``, the code) or ``−kappa/2 · ‖x − μ‖²`` (``"l2"``, PCAN paper
+    eq. 5.3 with ``kappa = 1/σ²``), the latter through the expansion ``‖x‖² − 2xᵀμ + ‖μ‖²``."""
+    z = torch.einsum("bcn,bck->bnk", x_cf, mu_cf)
+    if kernel == "dot":
+        return kappa * z
+    sq = x_cf.pow(2).sum(1).unsqueeze(2) - 2 * z + mu_cf.pow(2).sum(1).unsqueeze(1)
+    return (-0.5 * kappa) * sq
+
+
+def gmm_em(x, means, num_iters, kappa, mask=None, kernel="dot", normalize_means=True):
+    """PCAN's ``_em_iter`` / EMANet's ``EMAU`` EM loop, in our layouts.
+
+    Mirrors ``pcan/models/roi_heads/refine_heads/em_match_head.py`` ``_em_iter`` (and
+    EMANet ``network.py`` ``EMAU.forward``): per iteration ``z = softmax_K(logits)``,
+    ``z *= mask``, ``z_ = z / (1e-6 + Σ_n z)``, ``μ = x z_``, ``μ /= (1e-6 + ‖μ‖_C)``;
+    one einsum / softmax / norm launch each, on channels-first views as in their code.
+
+    Args: x ``[B, N, C]``, means ``[B, K, C]``, mask ``[B, N]`` (or None), as
+    :func:`vos_kernels.gmm_em`. Returns ``(means [B, K, C], resp [B, N, K])``; resp is the
+    last E-step's masked softmax (before the ``Σ_n`` normalisation), as EMANet's
+    reconstruction uses it.
+    """
+    x_cf = x.transpose(1, 2)            # [B, C, N]: PCAN's x.view(R, C, H*W)
+    mu = means.transpose(1, 2)          # [B, C, K]
+    z = None
+    for _ in range(int(num_iters)):
+        z = F.softmax(_logits(x_cf, mu, kappa, kernel), dim=2)         # [B, N, K]
+        if mask is not None:
+            z = torch.einsum("bnk,bn->bnk", z, mask.to(z.dtype))
+        z_ = _l1norm(z, dim=1)
+        mu = torch.einsum("bcn,bnk->bck", x_cf, z_)
+        if normalize_means:
+            mu = _l2norm(mu, dim=1)
+    return mu.transpose(1, 2), z
+
+
+def prototype_values(values, resp):
+    """PCAN ``em_match_head.py``: ``nu = einsum('ocn,rnk->rck', y, z_)`` with the
+    l1-normalised responsibilities: ``[B, K, CV] = Σ_n r_nk v_n / (1e-6 + Σ_n r_nk)``."""
+    return torch.einsum("bnk,bnc->bkc", _l1norm(resp, dim=1), values)
+
+
+def prototype_attention(query, proto_keys, proto_values, kappa, kernel="dot"):
+    """PCAN ``_prop`` + read: ``softmax_K(logits(query, keys)) · values`` ``[B, Nq, CV]``
+    (logits as :func:`gmm_em`; PCAN reads with ``kappa = 1`` and the dot kernel)."""
+    z = F.softmax(_logits(query.transpose(1, 2), proto_keys.transpose(1, 2), kappa, kernel), dim=2)
+    return torch.einsum("bnk,bkc->bnc", z, proto_values)
+
+
+# -------------------------------------------------------------- A-GAME diagonal Gaussians
+def diag_gmm_log_prob(x, mean, var):
+    """A-GAME ``GaussiansAgame.forward``: per component ``k`` a full ``[B, N, D]`` distance
+    tensor, ``s_k = −½ Σ_d (log var_kd + (x_d − μ_kd)² / var_kd)`` (no 2π, no prior).
+    Returns ``[B, N, K]``."""
+    scores = []
+    for k in range(mean.shape[1]):
+        d = x - mean[:, k:k + 1]                                       # [B, N, D]
+        v = var[:, k:k + 1]
+        scores.append(-0.5 * (torch.log(v) + d * d / v).sum(dim=2, keepdim=True))
+    return torch.cat(scores, dim=2)
+
+
+def diag_gmm_fit(x, weights, var_reg):
+    """A-GAME ``GaussiansAgame.get_init_state``, two-pass: per component ``k``,
+    ``μ_k = Σ_n w_nk x_n / (1 + S_k)``, ``var_k = var_reg_k + Σ_n w_nk (x_n − μ_k)² / (1 + S_k)``,
+    ``S_k = Σ_n w_nk`` (A-GAME's ``avgpool(x·w) / (1/N + avgpool(w))``; ``var_reg`` is
+    ``softplus(cov_reg)``). Returns ``(mean, var)``, each ``[B, K, D]``."""
+    means, variances = [], []
+    for k in range(weights.shape[2]):
+        w = weights[:, :, k:k + 1]                                     # [B, N, 1]
+        den = 1 + w.sum(dim=1, keepdim=True)                           # [B, 1, 1]
+        mu = (x * w).sum(dim=1, keepdim=True) / den
+        d = x - mu
+        variances.append(var_reg[k] + (d * d * w).sum(dim=1, keepdim=True) / den)
+        means.append(mu)
+    return torch.cat(means, dim=1), torch.cat(variances, dim=1)

@@ -1,7 +1,8 @@
 """Triton backend of vos_kernels (CUDA; CPU tensors under ``TRITON_INTERPRET=1``).
 
 The entry points live in :mod:`vos_kernels.triton.matching` (CFBI matching) and
-:mod:`vos_kernels.triton.memory` (top-k memory read). They are re-exported here
+:mod:`vos_kernels.triton.memory` (top-k memory read) and :mod:`vos_kernels.triton.gmm`
+(GMM prototypes, A-GAME Gaussians). They are re-exported here
 lazily, so that importing this package does not import ``triton`` (set
 ``TRITON_INTERPRET=1`` before the first access if the kernels must run on CPU).
 """
@@ -13,9 +14,18 @@ __all__ = [
     "fb_instance_pooling",
     "nearest_sqdist_backward",
     "topk_memory_read",
+    "gmm_em",
+    "prototype_values",
+    "prototype_attention",
+    "diag_gmm_log_prob",
+    "diag_gmm_log_prob_backward",
+    "diag_gmm_fit",
+    "diag_gmm_fit_backward",
 ]
 
-_MODULE = {"topk_memory_read": "memory"}
+_MODULE = {"topk_memory_read": "memory", "gmm_em": "gmm", "prototype_values": "gmm", "prototype_attention": "gmm",
+           "diag_gmm_log_prob": "gmm", "diag_gmm_log_prob_backward": "gmm", "diag_gmm_fit": "gmm",
+           "diag_gmm_fit_backward": "gmm"}
 
 
 def __getattr__(name):
