@@ -325,7 +325,19 @@ def _fit_backward(ctx, grad_mean, grad_var):
     return gx.to(x.dtype), gw.to(weights.dtype), grad_var.sum(0).to(ctx.var_reg_dtype)
 
 
+def _em_setup(ctx, inputs, output):
+    pass
+
+
+def _em_backward(ctx, grad_means, grad_resp):
+    raise RuntimeError(
+        "vos_kernels::gmm_em has no gradient: EM runs under no_grad in PCAN and EMANet "
+        "(vos_kernels.gmm_em returns detached outputs); detach its inputs, or differentiate "
+        "through prototype_values / prototype_attention of its outputs")
+
+
 _GMM_AUTOGRAD = {
+    "gmm_em": (_em_setup, _em_backward),
     "prototype_values": (_proto_values_setup, _proto_values_backward),
     "prototype_attention": (_proto_attention_setup, _proto_attention_backward),
     "diag_gmm_log_prob": (_log_prob_setup, _log_prob_backward),
@@ -338,7 +350,7 @@ GMM_OPS = ("gmm_em", "prototype_values", "prototype_attention", "diag_gmm_log_pr
 def gmm_interpreted(name, *args):
     """A GMM op's Triton kernel on CPU tensors (``TRITON_INTERPRET=1``), with the op's autograd."""
     entry = _triton_entry(name)
-    if name not in _GMM_AUTOGRAD:
+    if name == "gmm_em":
         return entry(*args)
     setup, backward = _GMM_AUTOGRAD[name]
 

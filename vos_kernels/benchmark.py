@@ -1,4 +1,5 @@
-"""Benchmark harness: fused matching kernels against the naive CFBI reference.
+"""Benchmark harness: fused kernels against the naive references (CFBI matching, STCN's
+dense top-k read, PCAN / EMANet einsum chains, A-GAME's per-component loops).
 
 Runs every case of the suite (``../shared/spec/benchmarks.md``) for the fused op
 (``vos_kernels.<op>``: the C++ kernels with backend ``"cpu"`` on CPU, ``"auto"`` on CUDA)
@@ -72,6 +73,7 @@ from vos_kernels._memory import cpu_name, proc_status, reset_peak_rss, ru_maxrss
 
 import torch
 
+from . import benchmark_gmm as _G
 from . import reference as _reference
 from ._backend import get_backend, set_backend
 from .matching import fb_global_matching, fb_multi_local_matching
@@ -96,9 +98,12 @@ class Case:
     """One benchmark configuration (batch 1 unless said otherwise).
 
     ``op`` is ``"global"`` (query ``[B,H,W,C]`` against a reference ``[B,T,Hr,Wr,C]``),
-    ``"local"`` (query and previous frame ``[B,H,W,C]``, ``windows``) or ``"topk"`` (top-k
+    ``"local"`` (query and previous frame ``[B,H,W,C]``, ``windows``), ``"topk"`` (top-k
     memory read: ``height·width`` query keys against ``frames·height·width`` memory
-    entries, ``channels`` = CK, ``value_channels`` = CV, ``topk`` = k). ``sweep`` names the
+    entries, ``channels`` = CK, ``value_channels`` = CV, ``topk`` = k), or a GMM workload of
+    :mod:`vos_kernels.benchmark_gmm` (``"em"``, ``"pcan-instance"``, ``"agame"``: ``batch``
+    problems (RoIs) of ``height·width`` points, ``channels`` = C or D, ``components`` = K,
+    ``iters``, ``kappa``; ``frames`` = unrolled frames for A-GAME). ``sweep`` names the
     scaling sweep a case belongs to (None for the paper-sized cases); ``scale`` is its
     factor per side.
     """
@@ -119,6 +124,9 @@ class Case:
     scale: int = 1
     value_channels: int = 0
     topk: int = 0
+    components: int = 0
+    iters: int = 0
+    kappa: float = 0.0
 
     @property
     def ref_hw(self) -> tuple[int, int]:
@@ -133,6 +141,14 @@ class Case:
     def sizes(self) -> str:
         """Human-readable sizes for the tables."""
         hw = f"{self.height}×{self.width}"
+        if self.op == "em":
+            return (f"B {self.batch}, N {self.pixels}, C {self.channels}, K {self.components}, "
+                    f"{self.iters} iters, κ {self.kappa:g}")
+        if self.op == "pcan-instance":
+            return (f"R {self.batch}, N {self.pixels}, C {self.channels}, K {self.components}+{self.components}, "
+                    f"4 EM calls + read")
+        if self.op == "agame":
+            return f"B {self.batch}, N {self.pixels}, D {self.channels}, K 4, {self.frames}-frame unroll, fwd+bwd"
         if self.op == "topk":
             return (f"Nq {self.pixels}, Nm {self.frames}×{self.pixels}, CK {self.channels}, "
                     f"CV {self.value_channels}, k {self.topk}" + (f", B {self.batch}" if self.batch > 1 else ""))
@@ -200,10 +216,24 @@ FULL_CASES += [
     *_topk_sweep("stcn-720p", (45, 80), (5, 20, 50)),
 ]
 
+FULL_CASES += [
+    # GMM prototypes (PCAN, EMANet) and A-GAME (gmm.md): N points in one row (height 1).
+    Case("em/pcan-p3", "em", 1, 15088, 256, 1, components=30, iters=3, kappa=20.0),
+    Case("em/pcan-p2", "em", 1, 60352, 256, 1, components=30, iters=3, kappa=20.0),
+    Case("em/emanet-b2", "em", 1, 4225, 512, 1, batch=2, components=64, iters=3, kappa=1.0),
+    Case("pcan-instance/r64", "pcan-instance", 14, 14, 256, 1, batch=64, components=10),
+    Case("pcan-instance/r100", "pcan-instance", 14, 14, 256, 1, batch=100, components=10),
+    Case("agame/stage1-b4-n405", "agame", 15, 27, 512, 1, batch=4, frames=8),
+    Case("agame/stage2-b2-n1620", "agame", 30, 54, 512, 1, batch=2, frames=8),
+]
+
 QUICK_CASES: list[Case] = [
     *_sweep("quick-a2", Case("", "global", 20, 30, 16, 3, atrous_rate=2), scales=(1, 2)),
     Case("local/quick-a2", "local", 20, 30, 16, 3, atrous_rate=2, windows=(2, 4, 6), sweep="quick-a2"),
     *_topk_sweep("quick", (10, 12), (2, 8), cv=32, k=8),
+    Case("em/quick", "em", 1, 500, 32, 1, components=8, iters=3, kappa=20.0),
+    Case("pcan-instance/quick", "pcan-instance", 14, 14, 32, 1, batch=4, components=4),
+    Case("agame/quick", "agame", 6, 8, 16, 1, batch=2, frames=3),
 ]
 
 
@@ -426,6 +456,13 @@ OPS: dict[str, Op] = {
                 _local_bytes, _local_reference_peak, _local_oracle),
     "topk": Op(lambda **kw: (topk_memory_read(**kw),), lambda **kw: (_reference.topk_memory_read(**kw),),
                _topk_inputs, _topk_flops, _topk_bytes, _topk_reference_peak, _topk_oracle, ("readout",)),
+    "em": Op(_G.em_fused, _G.em_reference, _G.em_inputs, _G.em_flops, _G.em_bytes, _G.em_reference_peak,
+             _G.float64_oracle(_G.em_reference), ("means", "resp")),
+    "pcan-instance": Op(_G.instance_fused, _G.instance_reference, _G.instance_inputs, _G.instance_flops,
+                        _G.instance_bytes, _G.instance_reference_peak, _G.float64_oracle(_G.instance_reference),
+                        ("read", "prototypes")),
+    "agame": Op(_G.agame_fused, _G.agame_reference, _G.agame_inputs, _G.agame_flops, _G.agame_bytes,
+                _G.agame_reference_peak, _G.float64_oracle(_G.agame_reference), ("grad_x", "grad_cov_reg")),
 }
 
 
@@ -859,7 +896,7 @@ def markdown(results: dict) -> str:
         "(medians); extra MiB: peak memory above the inputs during one call "
         + ("(fresh process per case and implementation, peak RSS)" if env["device"] == "cpu"
            else "(torch.cuda.max_memory_allocated)")
-        + "; memory ratio = fused / reference; max error: max |fused − reference in float64| over the outputs (fg and bg; the readout of the top-k read, without the queries whose k-th and (k+1)-th affinities are closer than 1e-4, where float32 may pick either entry).",
+        + "; memory ratio = fused / reference; max error: max |fused − reference in float64| over the outputs (fg and bg; the readout of the top-k read, without the queries whose k-th and (k+1)-th affinities are closer than 1e-4, where float32 may pick either entry; means and resp of EM; the read and prototypes of the PCAN instance head; the gradients of the A-GAME unroll).",
         "skipped: the reference's estimated peak exceeds the limit; OOM: it ran out of memory.",
     ]
     skipped = [f"- {c['name']}: {c['reference']['reason']}" for c in results["cases"] if c["reference"].get("reason")]
