@@ -10,7 +10,16 @@ top-level package called ``models`` would collide with user code).
 - :mod:`vos_models.stcn`: :class:`~vos_models.stcn.MemoryReader` (STCN's inference memory
   read with the fused top-k op, unbounded or bounded by the LFU memory bank) and
   :class:`~vos_models.stcn.TrainingFreeSTCN`, behind ``vos-kernels segment --method stcn-lfu``.
+- :mod:`vos_models.pcan`: PCAN's prototypical cross-attention on the fused GMM ops:
+  :class:`~vos_models.pcan.FramePrototypes` (frame level: EM prototypes of the FPN features'
+  memory, read, fusion, test time) and :class:`~vos_models.pcan.InstancePrototypes` (fg / bg
+  prototypes of RoI features and masks, all RoIs' fg and bg EM in one ``gmm_em`` launch).
+- :mod:`vos_models.emanet`: :class:`~vos_models.emanet.EMAU`, EMANet's
+  Expectation-Maximization Attention Unit (``gmm_em``, reconstruction, moving-average bases).
+- :mod:`vos_models.agame`: :class:`~vos_models.agame.GaussiansAgame`, A-GAME's
+  differentiable appearance module (four diagonal Gaussians fitted with ``diag_gmm_fit``,
+  scored with ``diag_gmm_log_prob``, updated recurrently).
 
-The other trained-model wrappers (CFBI / CFBI+ matching heads, PCAN, A-GAME) arrive with
-the issues that build them.
+The other trained-model wrappers (CFBI / CFBI+ matching heads) arrive with the issues that
+build them.
 """
