@@ -10,6 +10,9 @@ top-level package called ``models`` would collide with user code).
 - :mod:`vos_models.stcn`: :class:`~vos_models.stcn.MemoryReader` (STCN's inference memory
   read with the fused top-k op, unbounded or bounded by the LFU memory bank) and
   :class:`~vos_models.stcn.TrainingFreeSTCN`, behind ``vos-kernels segment --method stcn-lfu``.
+- :mod:`vos_models.pcan_propagation`: :class:`~vos_models.pcan_propagation.TrainingFreePCAN`,
+  PCAN's instance-level GMM prototypes per label with momentum (fused ``gmm_em`` /
+  ``prototype_attention``), behind ``vos-kernels segment --method pcan``.
 - :mod:`vos_models.pcan`: PCAN's prototypical cross-attention on the fused GMM ops:
   :class:`~vos_models.pcan.FramePrototypes` (frame level: EM prototypes of the FPN features'
   memory, read, fusion, test time) and :class:`~vos_models.pcan.InstancePrototypes` (fg / bg

@@ -30,6 +30,11 @@ COPY_FIRST_MASK = {"blackswan": 0.712}
 # --method stcn-lfu on the same slice with --mem-every 2: measured 0.897 (STCN unbounded 0.899);
 # the floor leaves ~0.1 for BLAS differences between CPUs and stays above copy-first-mask.
 STCN_FLOORS = {"blackswan": 0.80}
+# --method pcan, half scale: blackswan's first 8 frames with the defaults measured 0.878
+# (reference pipeline 0.878; cfbi 0.772, stcn-lfu 0.897), floor 0.80: above copy-first-mask
+# + 0.025 and ~0.08 under the measurement. chair's first 6 frames with --prototypes 12
+# --kappa 30 --momentum 0.5 measured 0.690; floor 0.59 (measured − 0.1) guards a collapse.
+PCAN_FLOORS = {"blackswan": 0.80, "chair": 0.59}
 
 
 def run_cli(*args, timeout=600):
@@ -329,3 +334,72 @@ def test_stcn_lfu_clip_without_ground_truth(tmp_path, capsys):
     assert s["metrics"] is None and s["evicted_total"] > 0
     assert "n/a" in run_main.stdout
     assert not (out / "reference").exists()          # only with --compare-reference
+
+
+# ------------------------------------------------------------------------ --method pcan
+def test_pcan_short_slice_end_to_end(tmp_path):
+    """GMM prototypes per label (fused gmm_em / prototype_attention) on blackswan's first 8
+    frames at half scale: above the copy-first-mask baseline, and the same pipeline on PCAN's
+    einsum chains (the reference) agrees on every frame."""
+    clip = SHARED / "blackswan"
+    if not clip.is_dir():
+        pytest.skip(f"{clip} not present")
+    out = tmp_path / "bs"
+    proc = run_cli(clip, "--method", "pcan", "--max-frames", 8, "--scale", 0.5, "--compare-reference",
+                   "--out", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    s = check_output(out, 8)
+    assert s["method"] == "pcan" and "reference J&F" in proc.stdout and "agreement" in proc.stdout
+    m, c = s["metrics"], s["compare"]
+    assert m["J&F"] >= PCAN_FLOORS["blackswan"], m
+    assert m["J&F"] > COPY_FIRST_MASK["blackswan"] + 0.025
+    assert c["agreement_checked_frames"] == 8 and c["agreement_ok"]
+    assert all(r["agreement"] >= segment.AGREEMENT_FLOOR for r in s["per_frame"])
+    assert c["reference_metrics"]["J&F"] == pytest.approx(m["J&F"], abs=0.01)
+    cal = s["calibration"]
+    assert cal["prototypes_per_label"] == segment.PCAN_DEFAULTS["prototypes"]
+    assert cal["momentum"] == segment.PCAN_DEFAULTS["momentum"] and cal["labels_without_prototypes"] == []
+    assert len(list((out / "reference" / "Annotations").glob("*.png"))) == 8
+
+
+def test_pcan_embedded_clip_options_and_agreement(tmp_path):
+    """The embedded chair clip with non-default pcan options: they reach the model, the run
+    is not a collapse, and fused and reference agree on every frame."""
+    out = tmp_path / "chair"
+    proc = run_cli("--method", "pcan", "--prototypes", 12, "--kappa", 30, "--momentum", 0.5, "--max-frames", 6,
+                   "--scale", 0.5, "--compare-reference", "--out", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    s = check_output(out, 6)
+    cal, c = s["calibration"], s["compare"]
+    assert (cal["prototypes_per_label"], cal["read_kappa"], cal["momentum"]) == (12, 30.0, 0.5)
+    assert s["metrics"]["J&F"] >= PCAN_FLOORS["chair"], s["metrics"]
+    assert c["agreement_ok"] and c["agreement_min"] >= segment.AGREEMENT_FLOOR
+
+
+def test_pcan_bad_arguments_exit_2(tmp_path):
+    for args in (["--prototypes", "0"], ["--kappa", "0"], ["--kappa", "nan"], ["--momentum", "1.5"],
+                 ["--momentum", "-0.1"]):
+        proc = run_cli("--method", "pcan", *args, "--out", tmp_path / "o")
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (args, proc.stderr)
+        assert not (tmp_path / "o").exists()
+
+
+def test_pcan_options_with_other_methods_are_an_error(tmp_path, capsys):
+    clip = make_clip(tmp_path / "clip")
+    expect_error(capsys, tmp_path, clip, "--prototypes: only for --method pcan (not cfbi)", "--prototypes", "5")
+    expect_error(capsys, tmp_path, clip, "--kappa, --momentum: only for --method pcan (not stcn-lfu)",
+                 "--method", "stcn-lfu", "--kappa", "5", "--momentum", "0.1")
+    expect_error(capsys, tmp_path, clip, "--top-k: only for --method stcn-lfu (not pcan)",
+                 "--method", "pcan", "--top-k", "5")
+
+
+def test_pcan_clip_without_ground_truth(tmp_path, capsys):
+    """Synthetic noise clip, object ids kept, no ground truth: runs, J&F n/a."""
+    clip = make_clip(tmp_path / "clip", n=4)
+    out = tmp_path / "out"
+    code, err = run_main(capsys, clip, "--method", "pcan", "--out", out)
+    assert code == 0, err
+    s = check_output(out, 4)
+    assert s["metrics"] is None and s["method"] == "pcan" and "n/a" in run_main.stdout
+    for p in (out / "Annotations").iterdir():
+        assert set(np.unique(np.array(Image.open(p))).tolist()) <= {0, 1}

@@ -12,7 +12,7 @@ palette), ``overlays/<stem>.jpg``, ``result.gif``, ``per_frame.png`` (plot), and
 ``summary.json`` (timings, memory, J&F, calibration, agreement with the reference); with
 ``--compare-reference`` also ``reference/Annotations/<stem>.png``, the reference's masks.
 
-Methods, both on frozen EfficientNet-Lite0 features
+Methods, all on frozen EfficientNet-Lite0 features
 (:class:`vos_models.backbone.EfficientNetLite0Features`):
 
 - ``cfbi`` — :class:`vos_models.propagation.TrainingFreeCFBI` (fused fg/bg global and
@@ -24,6 +24,12 @@ Methods, both on frozen EfficientNet-Lite0 features
   with STCN's dense read: a different memory, so agreement is reported (and J&F of both),
   and it is a pass/fail check only while the bank has evicted nothing (then both memories
   hold the same entries).
+- ``pcan`` — :class:`vos_models.pcan_propagation.TrainingFreePCAN` (PCAN's instance-level
+  prototypes per object on whole frames: fg and bg GMM prototypes of the first frame by
+  the fused ``gmm_em`` (all labels in one call), read with the fused
+  ``prototype_attention``, updated with momentum from each prediction).
+  ``--compare-reference`` runs the same pipeline on PCAN's einsum chains
+  (``vos_kernels.reference``): the predictions must agree (as for cfbi, else exit 3).
 
 J&F follows the DAVIS semi-supervised protocol through PyPI ``vos-benchmark``
 (``vos_benchmark.evaluator.Evaluator``; first and last frames excluded), reported as
@@ -45,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 EMBEDDED_CLIP = Path(__file__).resolve().parent / "data" / "chair"
-METHODS = ("cfbi", "stcn-lfu")
+METHODS = ("cfbi", "stcn-lfu", "pcan")
 IMAGE_SUFFIXES = (".jpg", ".jpeg")
 #: Fused and reference predictions must agree at least this well on every frame
 #: (mean object IoU between the two predictions); less is a bug, not a tolerance.
@@ -54,6 +60,9 @@ EXIT_BAD_INPUT = 2
 #: --method stcn-lfu defaults: the AMM thesis's bank of two frames' worth, STCN's write
 #: period and k.
 STCN_DEFAULTS = {"memory_frames": 2.0, "mem_every": 5, "top_k": 20}
+#: --method pcan defaults (docs/segment.md "pcan"): prototypes per label, read κ, PCAN's
+#: momentum λ = 0.2.
+PCAN_DEFAULTS = {"prototypes": 30, "kappa": 20.0, "momentum": 0.2}
 EXIT_DISAGREEMENT = 3
 
 
@@ -383,6 +392,7 @@ def run(args: argparse.Namespace) -> int:
         raise SegmentError(f"the compiled CPU kernels are not loaded ({_ops.LIBRARY_ERROR}); "
                            "reinstall with: pip install --no-build-isolation .")
     from vos_models.backbone import EfficientNetLite0Features, MissingBackboneError
+    from vos_models.pcan_propagation import TrainingFreePCAN
     from vos_models.propagation import TrainingFreeCFBI
     from vos_models.stcn import TrainingFreeSTCN
 
@@ -397,12 +407,21 @@ def run(args: argparse.Namespace) -> int:
     except MissingBackboneError as exc:
         raise SegmentError(str(exc)) from None
     stcn_options = {"--memory-frames": args.memory_frames, "--mem-every": args.mem_every, "--top-k": args.top_k}
+    pcan_options = {"--prototypes": args.prototypes, "--kappa": args.kappa, "--momentum": args.momentum}
+    for options, owner in ((stcn_options, "stcn-lfu"), (pcan_options, "pcan")):
+        given = [k for k, v in options.items() if v is not None]
+        if given and args.method != owner:
+            raise SegmentError(f"{', '.join(given)}: only for --method {owner} (not {args.method})")
     if args.method == "cfbi":
-        given = [k for k, v in stcn_options.items() if v is not None]
-        if given:
-            raise SegmentError(f"{', '.join(given)}: only for --method stcn-lfu (not cfbi)")
         fused = TrainingFreeCFBI(matching="fused")
         reference = TrainingFreeCFBI(matching="reference") if args.compare_reference else None
+    elif args.method == "pcan":
+        for name, value in PCAN_DEFAULTS.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+        pcan = dict(prototypes=args.prototypes, read_kappa=args.kappa, momentum=args.momentum)
+        fused = TrainingFreePCAN(matching="fused", **pcan)
+        reference = TrainingFreePCAN(matching="reference", **pcan) if args.compare_reference else None
     else:
         for name, value in STCN_DEFAULTS.items():
             if getattr(args, name) is None:
@@ -536,6 +555,9 @@ def _summary(args, clip, device, rows, wall, meter, fused, metrics, compare, ref
             "agreement_checked_frames": len(gated),
             "reference_metrics": ref_metrics,
         }
+        if args.method == "pcan":
+            s["compare"]["reference_kind"] = ("the same pipeline on PCAN's einsum chains (vos_kernels.reference "
+                                              "gmm_em / prototype_attention)")
         if args.method == "stcn-lfu":
             s["compare"]["reference_kind"] = (f"STCN unbounded memory (every {args.mem_every} frames, dense top-k "
                                               "read, vos_kernels.reference)")
@@ -585,7 +607,8 @@ def _print_report(s: dict, out: Path) -> None:
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     p = parser or argparse.ArgumentParser(prog="vos-kernels segment")
     p.description = ("Segment every frame of a video from its first-frame mask with the fused matching ops "
-                     "(training-free CFBI+-style propagation on EfficientNet-Lite0 features).")
+                     "(training-free CFBI+-style, STCN-style or PCAN-style propagation on EfficientNet-Lite0 "
+                     "features).")
     p.add_argument("clip", nargs="?", default=None,
                    help="DAVIS-layout folder (JPEGImages/*.jpg, Annotations/*.png); default: the embedded "
                         "'chair' clip (PUMaVOS, CC BY 4.0)")
@@ -603,6 +626,13 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--mem-every", type=_positive_int, default=None,
                    help="stcn-lfu: write a frame to memory every N frames (default 5, STCN)")
     p.add_argument("--top-k", type=_positive_int, default=None, help="stcn-lfu: k of the top-k read (default 20, STCN)")
+    p.add_argument("--prototypes", type=_positive_int, default=None,
+                   help=f"pcan: GMM prototypes per label (default {PCAN_DEFAULTS['prototypes']})")
+    p.add_argument("--kappa", type=_kappa, default=None,
+                   help=f"pcan: kappa of the prototype read (dot kernel; default {PCAN_DEFAULTS['kappa']:g})")
+    p.add_argument("--momentum", type=_momentum, default=None,
+                   help=f"pcan: prototype momentum lambda, 0 = frozen first-frame prototypes "
+                        f"(default {PCAN_DEFAULTS['momentum']:g}, PCAN)")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -623,6 +653,8 @@ def _bounded(kind, lo: float, hi: float, lo_open: bool, what: str):
 
 _positive_int = _bounded(int, 1, sys.maxsize, False, "a positive integer")
 _scale = _bounded(float, 0.0, 4.0, True, "a number in (0, 4]")
+_kappa = _bounded(float, 0.0, 1e4, True, "a number in (0, 10000]")
+_momentum = _bounded(float, 0.0, 1.0, False, "a number in [0, 1]")
 _memory_frames = _bounded(float, 2.0, 1e6, False, "a number of frames >= 2 (frame 0 is kept, one more must fit)")
 
 
