@@ -218,8 +218,9 @@ FULL_CASES += [
 
 FULL_CASES += [
     # GMM prototypes (PCAN, EMANet) and A-GAME (gmm.md): N points in one row (height 1).
-    Case("em/pcan-p3", "em", 1, 15088, 256, 1, components=30, iters=3, kappa=20.0),
-    Case("em/pcan-p2", "em", 1, 60352, 256, 1, components=30, iters=3, kappa=20.0),
+    # PCAN's two FPN levels at 1296×720 (stride 8: P3, stride 4: P2) double as a sweep (×2 per side)
+    Case("em/pcan-p3", "em", 1, 15088, 256, 1, components=30, iters=3, kappa=20.0, sweep="pcan-fpn", scale=1),
+    Case("em/pcan-p2", "em", 1, 60352, 256, 1, components=30, iters=3, kappa=20.0, sweep="pcan-fpn", scale=2),
     Case("em/emanet-b2", "em", 1, 4225, 512, 1, batch=2, components=64, iters=3, kappa=1.0),
     Case("pcan-instance/r64", "pcan-instance", 14, 14, 256, 1, batch=64, components=10),
     Case("pcan-instance/r100", "pcan-instance", 14, 14, 256, 1, batch=100, components=10),
@@ -966,7 +967,7 @@ def plot(results: dict, path: str) -> None:
             ax.legend(fontsize=8)
         else:
             ax.text(0.5, 0.5, "no scaling sweep data in this run", ha="center", va="center", transform=ax.transAxes)
-        ax.set_xlabel("query pixels (matching) / memory entries (top-k read)")
+        ax.set_xlabel("query pixels (matching) / memory entries (top-k read) / points (EM)")
         ax.set_ylabel(label)
         ax.set_title(f"Scaling sweep: {metric}")
     env = results["environment"]

@@ -141,6 +141,7 @@ def agame_unroll(ops, x, seg, cov_reg):
     x = x.detach().requires_grad_(True)
     reg = cov_reg.detach().requires_grad_(True)
     var_reg = F.softplus(reg)
+    frames = x.unbind(0)     # one view per frame (x[t] would make autograd fill a zero [T, B, N, D] per frame)
 
     def fit_state(xt, y):                                      # GaussiansAgame.get_init_state
         m01, v01 = ops.diag_gmm_fit(xt, y, var_reg[:2])
@@ -149,14 +150,14 @@ def agame_unroll(ops, x, seg, cov_reg):
         return torch.cat([m01, m23], 1), torch.cat([v01, v23], 1)
 
     y0 = torch.stack([1 - seg[0], seg[0]], -1)
-    mean, var = fit_state(x[0], y0)
+    mean, var = fit_state(frames[0], y0)
     loss = x.new_zeros(())
     for t in range(1, x.shape[0]):
-        s = ops.diag_gmm_log_prob(x[t], mean, var)                       # [B, N, 4]
+        s = ops.diag_gmm_log_prob(frames[t], mean, var)                  # [B, N, 4]
         logits = torch.stack([torch.logsumexp(s[..., 0::2], -1), torch.logsumexp(s[..., 1::2], -1)], -1)
         y = torch.stack([1 - seg[t], seg[t]], -1)
         loss = loss - (y * torch.log_softmax(logits, -1)).sum(-1).mean()
-        m_new, v_new = fit_state(x[t], torch.softmax(logits, -1))
+        m_new, v_new = fit_state(frames[t], torch.softmax(logits, -1))
         mean = (1 - AGAME_LR) * mean + AGAME_LR * m_new
         var = (1 - AGAME_LR) * var + AGAME_LR * v_new
     return torch.autograd.grad(loss, (x, reg))
