@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import vos_kernels
 
-from .pcan import _feature_map, _l2norm, _pos_float, _pos_int, _unit_float
+from .pcan import _feature_map, _kernel, _l2norm, _pos_float, _pos_int, _unit_float
 
 
 class EMAU(torch.nn.Module):
@@ -76,9 +76,7 @@ class EMAU(torch.nn.Module):
         self.num_bases = _pos_int(num_bases, "num_bases")
         self.num_iters = _pos_int(num_iters, "num_iters")
         self.kappa = _pos_float(kappa, "kappa")
-        if kernel not in vos_kernels.gmm.KERNELS:
-            raise ValueError(f"kernel: expected one of {sorted(vos_kernels.gmm.KERNELS)}, got {kernel!r}")
-        self.kernel = kernel
+        self.kernel = _kernel(kernel)
         self.momentum = _unit_float(momentum, "momentum")
 
         mu = torch.empty(1, channels, num_bases).normal_(0, math.sqrt(2.0 / num_bases))

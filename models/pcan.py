@@ -63,6 +63,12 @@ def _pos_float(v, name: str) -> float:
     return float(v)
 
 
+def _kernel(v, name: str = "kernel") -> str:
+    if v not in vos_kernels.gmm.KERNELS:
+        raise ValueError(f"{name}: expected one of {sorted(vos_kernels.gmm.KERNELS)}, got {v!r}")
+    return v
+
+
 def _unit_float(v, name: str) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
         raise ValueError(f"{name}: expected a number in [0, 1], got {v!r}")
@@ -154,9 +160,7 @@ class FramePrototypes(torch.nn.Module):
         self.num_iters = _pos_int(num_iters, "num_iters")
         self.kappa = _pos_float(kappa, "kappa")
         self.read_kappa = _pos_float(read_kappa, "read_kappa")
-        if kernel not in vos_kernels.gmm.KERNELS:
-            raise ValueError(f"kernel: expected one of {sorted(vos_kernels.gmm.KERNELS)}, got {kernel!r}")
-        self.kernel = kernel
+        self.kernel = _kernel(kernel)
         self.fuse_weight = _unit_float(fuse_weight, "fuse_weight")
         self.mean_momentum = _unit_float(mean_momentum, "mean_momentum")
         if memory_update not in MEMORY_UPDATES:
@@ -301,9 +305,7 @@ class InstancePrototypes(torch.nn.Module):
         self.num_iters = _pos_int(num_iters, "num_iters")
         self.kappa = _pos_float(kappa, "kappa")
         self.read_kappa = _pos_float(read_kappa, "read_kappa")
-        if kernel not in vos_kernels.gmm.KERNELS:
-            raise ValueError(f"kernel: expected one of {sorted(vos_kernels.gmm.KERNELS)}, got {kernel!r}")
-        self.kernel = kernel
+        self.kernel = _kernel(kernel)
         self.momentum = _unit_float(momentum, "momentum")
         if not isinstance(update_prototypes, bool):
             raise ValueError(f"update_prototypes: expected a bool, got {update_prototypes!r}")

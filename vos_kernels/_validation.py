@@ -2,6 +2,7 @@
 what was expected and what was given, raised before anything is computed or written."""
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -43,6 +44,12 @@ def int_arg(x, name: str, minimum: int) -> int:
     if x < minimum:
         fail(name, f"an int >= {minimum}", x)
     return int(x)
+
+
+def positive_float(x, name: str, expected: str = "a finite float > 0") -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x <= 0:
+        fail(name, expected, repr(x))
+    return float(x)
 
 
 def windows_arg(windows, name: str = "windows") -> list[int]:

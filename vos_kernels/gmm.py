@@ -15,7 +15,6 @@ in the softmax over prototypes).
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -31,12 +30,6 @@ def _kernel_arg(kernel) -> int:
     if kernel not in KERNELS:
         V.fail("kernel", f"one of {sorted(KERNELS)}", repr(kernel))
     return KERNELS[kernel]
-
-
-def _kappa_arg(kappa) -> float:
-    if isinstance(kappa, bool) or not isinstance(kappa, (int, float)) or not math.isfinite(kappa) or kappa <= 0:
-        V.fail("kappa", "a finite float > 0", repr(kappa))
-    return float(kappa)
 
 
 def _shape(x: torch.Tensor, name: str, expected: list, layout: str) -> None:
@@ -57,9 +50,12 @@ def _aux_float(t, name: str, ref: torch.Tensor, ref_name: str) -> torch.Tensor:
     return t.to(_ops._out_dtype(ref))
 
 
-def _run(name: str, device: torch.device, *args):
-    """Dispatch to the chosen backend; returns what the op returns."""
+def _run(name: str, device: torch.device, reference, *args):
+    """Dispatch to the chosen backend; returns what the op returns (``reference()`` returns
+    the same for the ``"reference"`` backend)."""
     backend = resolve(device)
+    if backend == "reference":
+        return reference()
     if backend == "triton" and device.type == "cpu":     # Triton interpreter, op's autograd
         return _ops.gmm_interpreted(name, *args)
     return getattr(torch.ops.vos_kernels, name)(*args)
@@ -104,19 +100,18 @@ def gmm_em(x: torch.Tensor, means: torch.Tensor, num_iters: int, kappa: float, m
     if means.shape[0] != B or means.shape[2] != C:
         V.fail("means", f"shape [B={B}, K, C={C}] like x", f"shape {list(means.shape)}")
     num_iters = V.int_arg(num_iters, "num_iters", 1)
-    kappa = _kappa_arg(kappa)
+    kappa = V.positive_float(kappa, "kappa")
     kid = _kernel_arg(kernel)
     if not isinstance(normalize_means, bool):
         V.fail("normalize_means", "a bool", repr(normalize_means))
     if mask is not None:
         mask = _aux_float(mask, "mask", x, "x")
         _shape(mask, "mask", [B, N], "[B,N]")
+    dt = _ops._out_dtype(x)
     with torch.no_grad():
-        if resolve(x.device) == "reference":
-            mu, resp = _reference.gmm_em(x.to(_ops._out_dtype(x)), means.to(_ops._out_dtype(x)), num_iters, kappa,
-                                         mask, kernel, normalize_means)
-            return mu, resp
-        return _run("gmm_em", x.device, x, means, num_iters, kappa, mask, kid, normalize_means)
+        return _run("gmm_em", x.device,
+                    lambda: _reference.gmm_em(x.to(dt), means.to(dt), num_iters, kappa, mask, kernel, normalize_means),
+                    x, means, num_iters, kappa, mask, kid, normalize_means)
 
 
 def prototype_values(values: torch.Tensor, resp: torch.Tensor) -> torch.Tensor:
@@ -138,9 +133,7 @@ def prototype_values(values: torch.Tensor, resp: torch.Tensor) -> torch.Tensor:
     V.same_device_dtype(values, "values", resp, "resp")
     B, N, _CV = values.shape
     _shape(resp, "resp", [B, N, None], "[B,N,K] like values")
-    if resolve(values.device) == "reference":
-        return _reference.prototype_values(values, resp)
-    return _run("prototype_values", values.device, values, resp)
+    return _run("prototype_values", values.device, lambda: _reference.prototype_values(values, resp), values, resp)
 
 
 def prototype_attention(query: torch.Tensor, proto_keys: torch.Tensor, proto_values: torch.Tensor, kappa: float,
@@ -169,11 +162,12 @@ def prototype_attention(query: torch.Tensor, proto_keys: torch.Tensor, proto_val
     B, _Nq, C = query.shape
     _shape(proto_keys, "proto_keys", [B, None, C], "[B,K,C] like query")
     _shape(proto_values, "proto_values", [B, proto_keys.shape[1], None], "[B,K,CV] like proto_keys")
-    kappa = _kappa_arg(kappa)
+    kappa = V.positive_float(kappa, "kappa")
     kid = _kernel_arg(kernel)
-    if resolve(query.device) == "reference":
-        return _reference.prototype_attention(query, proto_keys, proto_values, kappa, kernel)
-    return _run("prototype_attention", query.device, query, proto_keys, proto_values, kappa, kid)[0]
+    out, _attn = _run("prototype_attention", query.device,
+                      lambda: (_reference.prototype_attention(query, proto_keys, proto_values, kappa, kernel), None),
+                      query, proto_keys, proto_values, kappa, kid)
+    return out
 
 
 def diag_gmm_log_prob(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
@@ -200,9 +194,7 @@ def diag_gmm_log_prob(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) ->
     B, _N, D = x.shape
     _shape(mean, "mean", [B, None, D], "[B,K,D] like x")
     _shape(var, "var", list(mean.shape), "like mean")
-    if resolve(x.device) == "reference":
-        return _reference.diag_gmm_log_prob(x, mean, var)
-    return _run("diag_gmm_log_prob", x.device, x, mean, var)
+    return _run("diag_gmm_log_prob", x.device, lambda: _reference.diag_gmm_log_prob(x, mean, var), x, mean, var)
 
 
 def diag_gmm_fit(x: torch.Tensor, weights: torch.Tensor, var_reg: torch.Tensor):
@@ -232,6 +224,4 @@ def diag_gmm_fit(x: torch.Tensor, weights: torch.Tensor, var_reg: torch.Tensor):
     _shape(weights, "weights", [B, N, None], "[B,N,K] like x")
     var_reg = _aux_float(var_reg, "var_reg", x, "x")
     _shape(var_reg, "var_reg", [weights.shape[2], D], "[K,D]")
-    if resolve(x.device) == "reference":
-        return _reference.diag_gmm_fit(x, weights, var_reg)
-    return _run("diag_gmm_fit", x.device, x, weights, var_reg)
+    return _run("diag_gmm_fit", x.device, lambda: _reference.diag_gmm_fit(x, weights, var_reg), x, weights, var_reg)

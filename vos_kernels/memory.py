@@ -74,8 +74,8 @@ def topk_memory_read(query_key: torch.Tensor, memory_key: torch.Tensor, memory_v
     k = V.int_arg(k, "k", 1)
     if scale is None:
         scale = 1.0 / math.sqrt(CK)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-        V.fail("scale", "a finite float > 0 (or None for 1/sqrt(CK))", repr(scale))
+    else:
+        scale = V.positive_float(scale, "scale", "a finite float > 0 (or None for 1/sqrt(CK))")
     if usage_mode not in USAGE_MODES:
         V.fail("usage_mode", f"one of {sorted(USAGE_MODES)}", repr(usage_mode))
     if usage is not None:

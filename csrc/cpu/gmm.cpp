@@ -1031,6 +1031,31 @@ void sum_groups(const T* part, int64_t G, int64_t n, T* out) {
     for (int64_t i = 0; i < n; ++i) out[i] += part[g * n + i];
 }
 
+// Sums over the N rows of each batch element, W values wide, in an order fixed by the
+// shapes: the rows are split into groups (Split over kRowTile tiles), one parallel item
+// per (batch, group) calls rows(b, begin, end, part) on a zeroed part[W], then per batch
+// element done(b, sum) receives Σ_g part in group order.
+template <typename T, typename RowsFn, typename DoneFn>
+void grouped_row_sums(int64_t B, int64_t N, int64_t W, const RowsFn& rows, const DoneFn& done) {
+  const Split sp(N, kRowTile, max_groups_for(B, W));
+  const int64_t G = sp.groups;
+  std::vector<T> part(B * G * W);
+  at::parallel_for(0, B * G, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      T* ps = part.data() + i * W;
+      std::fill(ps, ps + W, T(0));
+      rows(i / G, sp.begin(i % G), sp.end(i % G), ps);
+    }
+  });
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<T> tmp(W);
+    for (int64_t b = b0; b < b1; ++b) {
+      sum_groups(part.data() + b * G * W, G, W, tmp.data());
+      done(b, tmp.data());
+    }
+  });
+}
+
 void check_agame(const char* op, const Tensor& x, const Tensor& mean, const Tensor* var) {
   TORCH_CHECK(x.dim() == 3, op, ": expected x [B,N,D], got ", x.sizes());
   TORCH_CHECK(mean.dim() == 3 && mean.size(0) == x.size(0) && mean.size(2) == x.size(2), op,
@@ -1106,36 +1131,26 @@ std::tuple<Tensor, Tensor, Tensor> diag_gmm_log_prob_backward_impl(const Tensor&
     using T = scalar_t;
     std::vector<T> iv, lsum;
     inverse_and_logsum<T>(var.data_ptr<T>(), B * K, D, iv, lsum);
-    const Split sp(N, kRowTile, max_groups_for(B, 2 * K * D));
-    const int64_t G = sp.groups, KD = K * D;
-    std::vector<T> P(B * G * 2 * KD);
+    const int64_t KD = K * D;
     const T* gp = g.data_ptr<T>();
     const T* xp = x.data_ptr<T>();
     const T* mp = mean.data_ptr<T>();
     T* gxp = gx.data_ptr<T>();
-    at::parallel_for(0, B * G, 1, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t b = i / G, gi = i % G;
-        T* P1 = P.data() + i * 2 * KD;
-        T* P2 = P1 + KD;
-        std::fill(P1, P1 + 2 * KD, T(0));
-        Rows<T>::logprob_bwd(gp + b * N * K, xp + b * N * D, mp + b * KD, iv.data() + b * KD, gxp + b * N * D, P1,
-                             P2, sp.begin(gi), sp.end(gi), K, D);
-      }
-    });
     T* gmp = gm.data_ptr<T>();
     T* gvp = gv.data_ptr<T>();
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<T> tmp(2 * KD);
-      for (int64_t b = b0; b < b1; ++b) {
-        sum_groups(P.data() + b * G * 2 * KD, G, 2 * KD, tmp.data());
-        const T* v = iv.data() + b * KD;
-        for (int64_t i = 0; i < KD; ++i) {
-          gmp[b * KD + i] = v[i] * tmp[i];
-          gvp[b * KD + i] = T(-0.5) * v[i] * tmp[KD + i];
-        }
-      }
-    });
+    grouped_row_sums<T>(
+        B, N, 2 * KD,
+        [&](int64_t b, int64_t n0, int64_t n1, T* part) {
+          Rows<T>::logprob_bwd(gp + b * N * K, xp + b * N * D, mp + b * KD, iv.data() + b * KD, gxp + b * N * D,
+                               part, part + KD, n0, n1, K, D);
+        },
+        [&](int64_t b, const T* sum) {
+          const T* v = iv.data() + b * KD;
+          for (int64_t i = 0; i < KD; ++i) {
+            gmp[b * KD + i] = v[i] * sum[i];
+            gvp[b * KD + i] = T(-0.5) * v[i] * sum[KD + i];
+          }
+        });
   });
   return {gx, gm, gv};
 }
@@ -1155,50 +1170,31 @@ void check_fit(const char* op, const Tensor& x, const Tensor& w) {
 template <typename T>
 void fit_s_q(const T* xp, const T* wp, const T* mp, int64_t B, int64_t N, int64_t K, int64_t D, T* S, T* Q,
              bool want_s) {
-  const Split sp(N, kRowTile, max_groups_for(B, K * (D + 1)));
-  const int64_t G = sp.groups, KD = K * D;
-  std::vector<T> part(B * G * (K + KD));
-  at::parallel_for(0, B * G, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / G, g = i % G;
-      T* ps = part.data() + i * (K + KD);
-      std::fill(ps, ps + K + KD, T(0));
-      Rows<T>::fit_q(xp + b * N * D, wp + b * N * K, mp + b * KD, want_s ? ps : nullptr, ps + K, sp.begin(g),
-                     sp.end(g), K, D);
-    }
-  });
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<T> tmp(K + KD);
-    for (int64_t b = b0; b < b1; ++b) {
-      sum_groups(part.data() + b * G * (K + KD), G, K + KD, tmp.data());
-      if (want_s) std::copy(tmp.begin(), tmp.begin() + K, S + b * K);
-      std::copy(tmp.begin() + K, tmp.end(), Q + b * KD);
-    }
-  });
+  const int64_t KD = K * D;
+  grouped_row_sums<T>(
+      B, N, K + KD,
+      [&](int64_t b, int64_t n0, int64_t n1, T* part) {
+        Rows<T>::fit_q(xp + b * N * D, wp + b * N * K, mp + b * KD, want_s ? part : nullptr, part + K, n0, n1, K, D);
+      },
+      [&](int64_t b, const T* sum) {
+        if (want_s) std::copy(sum, sum + K, S + b * K);
+        std::copy(sum + K, sum + K + KD, Q + b * KD);
+      });
 }
 
 // S [B, K] = Σ_n w, M [B, K, D] = Σ_n w x
 template <typename T>
 void fit_s_m(const T* xp, const T* wp, int64_t B, int64_t N, int64_t K, int64_t D, T* S, T* M) {
-  const Split sp(N, kRowTile, max_groups_for(B, K * (D + 1)));
-  const int64_t G = sp.groups, KD = K * D;
-  std::vector<T> part(B * G * (K + KD));
-  at::parallel_for(0, B * G, 1, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / G, g = i % G;
-      T* ps = part.data() + i * (K + KD);
-      std::fill(ps, ps + K + KD, T(0));
-      Rows<T>::fit_moment(xp + b * N * D, wp + b * N * K, ps, ps + K, sp.begin(g), sp.end(g), K, D);
-    }
-  });
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<T> tmp(K + KD);
-    for (int64_t b = b0; b < b1; ++b) {
-      sum_groups(part.data() + b * G * (K + KD), G, K + KD, tmp.data());
-      std::copy(tmp.begin(), tmp.begin() + K, S + b * K);
-      std::copy(tmp.begin() + K, tmp.end(), M + b * KD);
-    }
-  });
+  const int64_t KD = K * D;
+  grouped_row_sums<T>(
+      B, N, K + KD,
+      [&](int64_t b, int64_t n0, int64_t n1, T* part) {
+        Rows<T>::fit_moment(xp + b * N * D, wp + b * N * K, part, part + K, n0, n1, K, D);
+      },
+      [&](int64_t b, const T* sum) {
+        std::copy(sum, sum + K, S + b * K);
+        std::copy(sum + K, sum + K + KD, M + b * KD);
+      });
 }
 
 std::tuple<Tensor, Tensor> diag_gmm_fit_impl(const Tensor& x_in, const Tensor& w_in, const Tensor& var_reg_in) {
