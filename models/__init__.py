@@ -23,6 +23,17 @@ top-level package called ``models`` would collide with user code).
   differentiable appearance module (four diagonal Gaussians fitted with ``diag_gmm_fit``,
   scored with ``diag_gmm_log_prob``, updated recurrently).
 
-The other trained-model wrappers (CFBI / CFBI+ matching heads) arrive with the issues that
-build them.
+- :mod:`vos_models.cfbi`: :class:`~vos_models.cfbi.CFBIMatchingHead` and
+  :class:`~vos_models.cfbi.CFBIPlusMatchingHead`, the trainable matching heads of CFBI /
+  CFBI+: the collaborative ensembler's input (global and multi-local fg / bg matching,
+  previous mask, embeddings, in CFBI's channel order) and the instance-level guidance, on
+  the fused matching ops, with learnable ``bg_bias`` / ``fg_bias`` under CFBI's
+  ``state_dict`` names.
+- :mod:`vos_models.ensembler`: :class:`~vos_models.ensembler.CollaborativeEnsembler` (a small
+  CFBI+-style decoder: IA-gated residual blocks with dilation, GroupNorm, GCT, ASPP-lite)
+  and :class:`~vos_models.ensembler.IAGate`.
+- :mod:`vos_models.train_step`: ``python -m vos_models.train_step``, a training
+  demonstration (CFBI+ head and ensembler on frozen EfficientNet-Lite0 features, sequential
+  training on ``blackswan`` with bootstrapped cross-entropy, J&F on ``chair`` before and
+  after).
 """

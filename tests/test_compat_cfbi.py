@@ -10,7 +10,6 @@ Skipped until the package's public fused ops exist.
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 try:
     import vos_kernels
@@ -24,114 +23,10 @@ if not _HAVE_OPS:
 
 from vos_kernels.compat import cfbi  # noqa: E402
 
-PAD = 5e4
+from cfbi_port import (port_atrous_labels, port_f2b, port_global, port_head,  # noqa: E402
+                       port_head_eval, port_local)
+
 ATOL = 2e-5
-
-
-# ------------------------------------------------------------------ CFBI port
-def _grid(h, w, rate):
-    ys = torch.arange(h) % rate == 0
-    xs = torch.arange(w) % rate == 0
-    return (ys[:, None] & xs[None, :]).float()
-
-
-def port_atrous_labels(labels, rate, pixel_num):
-    """CFBI: objects with > pixel_num * rate^2 pixels keep only grid pixels."""
-    labels = labels.clone()
-    if rate > 1:
-        big = labels.sum(dim=(0, 1)) > pixel_num * rate ** 2
-        labels[:, :, big] = labels[:, :, big] * _grid(*labels.shape[:2], rate)[..., None]
-    return labels
-
-
-def port_global(ref_list, query, lab_list, dis_bias, ori_size=None, rate=1, pixel_num=0):
-    h, w, c = query.shape
-    O = lab_list[0].shape[2]
-    R = torch.cat([r.reshape(-1, c) for r in ref_list])
-    Lb = torch.cat([port_atrous_labels(l, rate, pixel_num).reshape(-1, O) for l in lab_list])
-    keep = Lb.sum(1) > 0.9
-    if keep.sum() == 0:
-        return torch.ones(1, h, w, O, 1)
-    R, Lb = R[keep], Lb[keep]
-    q = query.reshape(-1, c)
-    d = (q * q).sum(1)[:, None] + (R * R).sum(1)[None] - 2 * q @ R.t()
-    d = d[:, None, :] + (Lb < 0.1).t().float()[None] * PAD          # [m, O, N]
-    nn = d.min(dim=2)[0]
-    out = (torch.sigmoid(nn.view(1, h, w, O, 1) + dis_bias.view(1, 1, 1, -1, 1)) - 0.5) * 2
-    if ori_size is not None:
-        out = F.interpolate(out.view(h, w, O, 1).permute(2, 3, 0, 1), size=ori_size,
-                            mode="bilinear", align_corners=True)
-        out = out.permute(2, 3, 0, 1).reshape(1, ori_size[0], ori_size[1], O, 1)
-    return out
-
-
-def port_local(prev, query, prev_lab, dis_bias, windows, ori_size=None, rate=1,
-               allow_downsample=True):
-    H, W, C = prev.shape
-    O = prev_lab.shape[2]
-    ori_size = (H, W) if ori_size is None else tuple(ori_size)
-    x = query.permute(2, 0, 1)[None]
-    y = prev.permute(2, 0, 1)[None]
-    if allow_downsample:
-        size = (H // 2 + 1, W // 2 + 1)
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=True)
-        y = F.interpolate(y, size=size, mode="bilinear", align_corners=True)
-    h, w = x.shape[2:]
-    D = windows[-1]
-    P = D - D % rate
-    n = 2 * P // rate + 1
-    c = P // rate
-    offs = F.unfold(F.pad(y, (P, P, P, P)), (h, w), stride=rate).view(C, h * w, n * n)
-    x2 = x.pow(2).sum(1).view(h * w, 1)
-    y2 = F.unfold(F.pad(y.pow(2).sum(1, keepdim=True), (P, P, P, P), value=PAD), (h, w),
-                  stride=rate).view(h * w, n * n)
-    d = x2 + y2 - 2 * torch.einsum("cp,cpo->po", x.view(C, h * w), offs)   # [hw, n*n]
-    lab = prev_lab.permute(2, 0, 1)[:, None]
-    if (h, w) != (H, W):
-        lab = F.interpolate(lab, size=(h, w), mode="nearest")
-    masks = F.unfold(F.pad(lab, (P, P, P, P)), (h, w), stride=rate).view(O, h * w, n * n) > 0.9
-    dm = torch.where(masks, d[None], torch.full((), PAD)).view(O, h * w, n, n)
-    outs = []
-    for k in [windows[-1]] + list(windows[:-1]):     # CFBI: [largest, smallest, ...]
-        kc = k // rate
-        outs.append(dm[:, :, c - kc:c + kc + 1, c - kc:c + kc + 1].reshape(O, h * w, -1)
-                    .min(-1)[0])
-    md = torch.stack(outs, 1).view(O, len(windows), h, w)
-    md = (torch.sigmoid(md + dis_bias.view(-1, 1, 1, 1)) - 0.5) * 2
-    if (h, w) != ori_size:
-        md = F.interpolate(md, size=ori_size, mode="bilinear", align_corners=True)
-    return md.permute(2, 3, 0, 1).reshape(1, ori_size[0], ori_size[1], O, len(windows))
-
-
-def port_f2b(dis, obj_num):
-    if obj_num == 1:
-        return dis
-    out = []
-    for i in range(obj_num):
-        others = torch.cat([dis[j][None] for j in range(obj_num) if j != i], dim=1)
-        out.append(others.min(dim=1, keepdim=True)[0])
-    return torch.cat(out, 0)
-
-
-def port_means(emb, lab, eps):
-    pos = (emb * lab).sum(dim=(2, 3))
-    neg = emb.sum(dim=(2, 3)) - pos
-    return pos, neg, lab.sum(dim=(2, 3)), (1.0 - lab).sum(dim=(2, 3))
-
-
-def port_head(ref_e, ref_l, prev_e, prev_l, eps=1e-5):
-    rp, rn, rpn, rnn = port_means(ref_e, ref_l, eps)
-    pp, pn, ppn, pnn = port_means(prev_e, prev_l, eps)
-    return torch.cat([rp / (rpn + eps), rn / (rnn + eps), pp / (ppn + eps), pn / (pnn + eps)], 1)
-
-
-def port_head_eval(ref_es, ref_ls, prev_e, prev_l, eps=1e-5):
-    acc = [0.0, 0.0, 0.0, 0.0]
-    for e, l in zip(ref_es, ref_ls):
-        acc = [a + v for a, v in zip(acc, port_means(e, l, eps))]
-    pp, pn, ppn, pnn = port_means(prev_e, prev_l, eps)
-    return torch.cat([acc[0] / (acc[2] + eps), acc[1] / (acc[3] + eps),
-                      pp / (ppn + eps), pn / (pnn + eps)], 1)
 
 
 # -------------------------------------------------------------------- inputs

@@ -11,7 +11,9 @@ to ``--out``:
   commit, date), measured ceilings (a large matmul and a large copy), peers, and per case:
   time (median, IQR, min, max, runs), speedup = reference / fused, peak extra memory of
   each, achieved GFLOP/s and GB/s, max abs error of fg and bg against the reference run in
-  float64 on float64 copies of the inputs, and ``"OOM"`` / ``"skipped"`` with a reason
+  float64 on float64 copies of the inputs (``"train-step"``, a CFBI+ matching-head
+  training step of :mod:`vos_kernels.benchmark_train`: against the fused head in float64;
+  ``oracle`` per case says which), and ``"OOM"`` / ``"skipped"`` with a reason
   where the reference cannot run;
 * ``results.md``: the markdown table (also printed at the end);
 * ``speedup_memory.png``: speedup and peak extra memory per case, and the scaling sweep
@@ -74,6 +76,7 @@ from vos_kernels._memory import cpu_name, proc_status, reset_peak_rss, ru_maxrss
 import torch
 
 from . import benchmark_gmm as _G
+from . import benchmark_train as _T
 from . import reference as _reference
 from ._backend import get_backend, set_backend
 from .matching import fb_global_matching, fb_multi_local_matching
@@ -103,9 +106,12 @@ class Case:
     entries, ``channels`` = CK, ``value_channels`` = CV, ``topk`` = k), or a GMM workload of
     :mod:`vos_kernels.benchmark_gmm` (``"em"``, ``"pcan-instance"``, ``"agame"``: ``batch``
     problems (RoIs) of ``height·width`` points, ``channels`` = C or D, ``components`` = K,
-    ``iters``, ``kappa``; ``frames`` = unrolled frames for A-GAME). ``sweep`` names the
-    scaling sweep a case belongs to (None for the paper-sized cases); ``scale`` is its
-    factor per side.
+    ``iters``, ``kappa``; ``frames`` = unrolled frames for A-GAME), or ``"train-step"``
+    (:mod:`vos_kernels.benchmark_train`: a CFBI+ matching-head training step, forward +
+    backward; ``height × width`` = the stride-4 map, ``channels`` = C per scale,
+    ``num_labels`` = objects + 1, ``batch``, ``frames`` = sequential current frames).
+    ``sweep`` names the scaling sweep a case belongs to (None for the paper-sized cases);
+    ``scale`` is its factor per side.
     """
 
     name: str
@@ -141,6 +147,8 @@ class Case:
     def sizes(self) -> str:
         """Human-readable sizes for the tables."""
         hw = f"{self.height}×{self.width}"
+        if self.op == "train-step":
+            return _T.sizes(self)
         if self.op == "em":
             return (f"B {self.batch}, N {self.pixels}, C {self.channels}, K {self.components}, "
                     f"{self.iters} iters, κ {self.kappa:g}")
@@ -165,7 +173,8 @@ class Case:
         return s + (f", B {self.batch}" if self.batch > 1 else "")
 
     def shrunk(self, size: int = 8) -> "Case":
-        """The same configuration at a tiny frame size (the memory worker's warm-up)."""
+        """The same configuration at a tiny frame size (the memory worker's warm-up; a
+        train-step case: an 8×8 stride-4 map, 4×4 and 2×2 below, 29×29 labels)."""
         return dataclasses.replace(self, height=size, width=size, ref_height=None, ref_width=None)
 
 
@@ -228,6 +237,13 @@ FULL_CASES += [
     Case("agame/stage2-b2-n1620", "agame", 30, 54, 512, 1, batch=2, frames=8),
 ]
 
+FULL_CASES += [
+    # CFBI+ matching-head training step (benchmark_train.py): 465×465 crops → stride-4 map
+    # 117×117 (59×59, 30×30 below), C 256 per scale, batch 2, 3 sequential frames, fwd + bwd.
+    Case("train-step/cfbip-b2-o2", "train-step", 117, 117, 256, 3, batch=2, frames=3),
+    Case("train-step/cfbip-b2-o5", "train-step", 117, 117, 256, 6, batch=2, frames=3),
+]
+
 QUICK_CASES: list[Case] = [
     *_sweep("quick-a2", Case("", "global", 20, 30, 16, 3, atrous_rate=2), scales=(1, 2)),
     Case("local/quick-a2", "local", 20, 30, 16, 3, atrous_rate=2, windows=(2, 4, 6), sweep="quick-a2"),
@@ -235,6 +251,7 @@ QUICK_CASES: list[Case] = [
     Case("em/quick", "em", 1, 500, 32, 1, components=8, iters=3, kappa=20.0),
     Case("pcan-instance/quick", "pcan-instance", 14, 14, 32, 1, batch=4, components=4),
     Case("agame/quick", "agame", 6, 8, 16, 1, batch=2, frames=3),
+    Case("train-step/quick", "train-step", 12, 12, 16, 3, batch=2, frames=2),
 ]
 
 
@@ -448,6 +465,7 @@ class Op:
     reference_peak: Callable[[Case, int], float]
     oracle: Callable[[Case, dict], tuple]
     outputs: tuple[str, ...] = ("fg", "bg")
+    oracle_text: str = "vos_kernels.reference in float64 on float64 copies of the inputs"
 
 
 OPS: dict[str, Op] = {
@@ -464,6 +482,8 @@ OPS: dict[str, Op] = {
                         ("read", "prototypes")),
     "agame": Op(_G.agame_fused, _G.agame_reference, _G.agame_inputs, _G.agame_flops, _G.agame_bytes,
                 _G.agame_reference_peak, _G.float64_oracle(_G.agame_reference), ("grad_x", "grad_cov_reg")),
+    "train-step": Op(_T.train_fused, _T.train_reference, _T.train_inputs, _T.train_flops, _T.train_bytes,
+                     _T.train_reference_peak, _T.train_oracle, _T.OUTPUTS, _T.ORACLE_TEXT),
 }
 
 
@@ -719,7 +739,7 @@ def _run_impl(case: Case, which: str, inputs: dict, s: Settings) -> tuple[dict, 
         if s.device.type == "cuda":
             torch.cuda.empty_cache()
         return res, None
-    out = tuple(t.detach() for t in out[:2])
+    out = tuple(t.detach() for t in out[:len(op.outputs)])
     if s.memory:
         if s.device.type == "cuda":
             res["memory"] = measure_memory_cuda(call, s.device)
@@ -751,7 +771,7 @@ def run_case(case: Case, s: Settings) -> dict:
     for which in ("fused", "reference"):
         record[which], outs[which] = _run_impl(case, which, inputs, s)
     if s.reference_error and any(o is not None for o in outs.values()):
-        record["oracle"] = "vos_kernels.reference in float64 on float64 copies of the inputs"
+        record["oracle"] = op.oracle_text
         try:
             oracle = op.oracle(case, inputs)
         except Exception as exc:  # noqa: BLE001 - recorded; the timings stand
@@ -897,7 +917,7 @@ def markdown(results: dict) -> str:
         "(medians); extra MiB: peak memory above the inputs during one call "
         + ("(fresh process per case and implementation, peak RSS)" if env["device"] == "cpu"
            else "(torch.cuda.max_memory_allocated)")
-        + "; memory ratio = fused / reference; max error: max |fused − reference in float64| over the outputs (fg and bg; the readout of the top-k read, without the queries whose k-th and (k+1)-th affinities are closer than 1e-4, where float32 may pick either entry; means and resp of EM; the read and prototypes of the PCAN instance head; the gradients of the A-GAME unroll).",
+        + "; memory ratio = fused / reference; max error: max |fused − reference in float64| over the outputs (fg and bg; the readout of the top-k read, without the queries whose k-th and (k+1)-th affinities are closer than 1e-4, where float32 may pick either entry; means and resp of EM; the read and prototypes of the PCAN instance head; the gradients of the A-GAME unroll; the gradients of the CFBI+ train step, against the fused head in float64, see 'oracle' in results.json).",
         "skipped: the reference's estimated peak exceeds the limit; OOM: it ran out of memory.",
     ]
     skipped = [f"- {c['name']}: {c['reference']['reason']}" for c in results["cases"] if c["reference"].get("reason")]
