@@ -64,20 +64,22 @@ Usage::
         [--weight-decay WD] [--clip-grad G] [--top-fraction F] [--eval-clip DIR]
         [--train-clip DIR] [--quick] [--quiet]
 
-``--threads`` defaults to 1: the maps are small, and with two threads on two cores every
-op waits whenever another process holds a core (measured 5× slower per step than one
-thread on a busy machine).
+``--threads`` defaults to torch's (all cores): on 2 idle cores, 30 steps took 0.30 s per
+step with 2 threads and 0.38 s with 1. The maps are small, so when another process holds a
+core, 2 threads wait on it at every op (measured up to 5× slower per step than 1 thread):
+pass ``--threads 1`` on a busy machine.
 
-Measured (2 shared CPU cores, 1 thread, torch 2.13 CPU, defaults: 600 steps of 2 samples ×
-3 frames, 192×192 crops of 427×240 frames, seed 0; the numbers are deterministic for a
-seed, the times depend on the machine's load): 0.37–0.65 s per step, about 4–7 minutes in
-all; loss (mean of 50 steps) 2.31 → 0.33; J&F on chair (58 frames at 360×240) 0.048 →
-0.125 (J 0.015 → 0.064, F 0.081 → 0.186): trained on one other clip for a few minutes, it
+Measured (2026-11-21, AMD EPYC, 2 idle cores, 2 threads, torch 2.13 CPU, defaults: 600
+steps of 2 samples × 3 frames, 192×192 crops of 427×240 frames, seed 0;
+``benchmarks/results/train-step-demo-cpu-2core/``): 0.315 s per step, about 3.5 minutes in
+all; loss (mean of 50 steps) 2.30 → 0.33; J&F on chair (58 frames at 360×240) 0.048 →
+0.128 (J 0.015 → 0.069, F 0.081 → 0.187): trained on one other clip for a few minutes, it
 does not transfer to chair's small object, which is expected. As a check of the pipeline,
 not of generalisation, 400 steps evaluated on blackswan itself (``--eval-clip``, the
-training clip) give 0.097 → 0.905. ``--matching reference`` (CFBI's naive matching) runs
-the same step in about 3× the time. All 181 trainable parameters, ``bg_bias`` and
-``fg_bias`` included, receive gradients.
+training clip) give 0.097 → 0.905. ``--matching reference`` (CFBI's naive matching) ran
+the same step in about 3× the time (40 steps, busy machine). All 181 trainable
+parameters, ``bg_bias`` and ``fg_bias`` included, receive gradients. The losses are
+deterministic for a seed and a thread count.
 
 Outputs in ``--out`` (default ``train_step_out/``): ``loss.png`` (per-step loss, moving
 average, log scale) and ``summary.json`` (settings, per-step losses, time per step, J&F
@@ -673,9 +675,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--matching", choices=("fused", "reference"), default="fused",
                    help="matching backend of the head (default fused: vos_kernels ops)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--threads", type=_positive_int, default=1,
-                   help="CPU threads (default 1: the maps are small, and with two threads on two cores every "
-                        "op waits for a core whenever another process runs; measured 5x slower per step)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads (default: torch's, all cores; on a busy machine --threads 1 can be several "
+                        "times faster, as the small maps make every op wait for a busy core)")
     p.add_argument("--eval-frames", type=_positive_int, default=None,
                    help="evaluate on the first N chair frames (default all 60; --quick 5)")
     p.add_argument("--eval-scale", type=_fraction(0, 2), default=None,
