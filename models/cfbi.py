@@ -78,6 +78,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .ensembler import IAGate
+from .propagation import _matching_ops as _ops
 
 __all__ = ["CFBIHeadOutput", "CFBIMatchingHead", "CFBIPlusMatchingHead", "IAGate",
            "CFBI_LOCAL_WINDOWS", "CFBIP_LOCAL_WINDOWS", "CFBIP_MATCHING_DIMS", "CFBIP_EMBEDDING_DIM",
@@ -111,16 +112,6 @@ class CFBIHeadOutput(NamedTuple):
     features: list[torch.Tensor]
     guidance: list[torch.Tensor]
     object_counts: tuple[int, ...]
-
-
-def _ops(matching: str):
-    if matching == "fused":
-        from vos_kernels import matching as ops
-    elif matching == "reference":
-        from vos_kernels import reference as ops
-    else:
-        raise ValueError(f"matching: expected 'fused' or 'reference', got {matching!r}")
-    return ops
 
 
 def _ints(values, name: str, n: int | None = None, minimum: int = 1, ascending: bool = False) -> tuple[int, ...]:
@@ -246,14 +237,14 @@ class _MatchingBase(nn.Module):
     # ---------------------------------------------------------------- matching
     def _labels_at(self, labels: torch.Tensor, size, counts) -> tuple[torch.Tensor, torch.Tensor]:
         """Nearest-resized labels ``[B, T, h, w]`` as (matching labels with -1 where the
-        pixel is no object of its sample, pooling labels with L there)."""
+        pixel is no label of its sample, pooling labels with L there); ``counts`` = O_n."""
         lab = labels
         if tuple(lab.shape[-2:]) != tuple(size):
             lab = F.interpolate(lab.float(), size=size, mode="nearest")
         lab = lab.long()
-        L = max(counts) + 1
+        L = max(counts)
         top = torch.tensor(counts, device=lab.device).view(-1, 1, 1, 1)
-        valid = (lab >= 0) & (lab <= top)
+        valid = (lab >= 0) & (lab < top)
         return torch.where(valid, lab, torch.full_like(lab, -1)), torch.where(valid, lab, torch.full_like(lab, L))
 
     def _atrous_labels(self, match, pool, rate: int, L: int):
@@ -281,7 +272,7 @@ class _MatchingBase(nn.Module):
     def _scale(self, ops, s: int, cur, ref, prev, ref_labels, prev_labels, counts):
         cfg = self.scales[s]
         B, C, h, w = cur.shape
-        L = max(counts) + 1
+        L = max(counts)                   # counts: O_n = objects + 1 per sample
         m = cfg.matching_dim
         if ref.dim() == 4:
             ref = ref.unsqueeze(1)

@@ -294,3 +294,28 @@ def test_errors(gen):
         CFBIMatchingHead(embedding_dim=C, prehead_channels=10)
     with pytest.raises(ValueError, match="global_min_pixels"):
         CFBIPlusMatchingHead(**CFG, global_min_pixels=-1)
+
+
+def test_ops_see_the_batch_label_count(gen, monkeypatch):
+    """One matching call per op and scale with L = max objects + 1 (pooling: + the
+    "no object" label), whatever the per-sample counts."""
+    from vos_kernels import matching as ops
+
+    seen = []
+    for name in ("fb_global_matching", "fb_multi_local_matching", "fb_instance_pooling"):
+        real = getattr(ops, name)
+
+        def spy(*args, _real=real, _name=name):
+            seen.append((_name, args[0].shape[0], args[3] if _name != "fb_instance_pooling" else args[2]))
+            return _real(*args)
+        monkeypatch.setattr(ops, name, spy)
+    head = _plus_head(gen)
+    for gt_ids in ((2, 1), (3, 3)):
+        seen.clear()
+        lab = _labels(gen, gt_ids)
+        out = head(_emb(gen, 2), _emb(gen, 2), _emb(gen, 2), lab, lab, list(gt_ids))
+        L = max(gt_ids) + 1
+        assert sorted(set(seen)) == sorted({("fb_global_matching", 2, L), ("fb_multi_local_matching", 2, L),
+                                            ("fb_instance_pooling", 2, L + 1)})
+        assert len(seen) == 3 * 4
+        assert out.features[0].shape[0] == sum(gt_ids) + 2
