@@ -78,6 +78,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .pcan import _pos_int
+
 __all__ = ["GCT", "ASPPLite", "Bottleneck", "CollaborativeEnsembler", "IAGate", "gn_groups"]
 
 
@@ -91,12 +93,6 @@ def gn_groups(channels: int) -> int:
 
 def _norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(gn_groups(channels), channels)
-
-
-def _pos_int(v, name: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise ValueError(f"{name}: expected an int >= 1, got {v!r}")
-    return v
 
 
 class IAGate(nn.Module):
