@@ -40,11 +40,15 @@ def _extension():
         force_cuda or (torch.version.cuda is not None and torch.cuda.is_available())
     )
     if with_cuda:
+        # .cu files are torch-free (csrc/cuda/api.h); -lineinfo keeps compute-sanitizer's
+        # reports on source lines at no run-time cost.
+        nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]
         return CUDAExtension(
             "vos_kernels._C",
             sources + cuda_sources,
+            include_dirs=[os.path.join(HERE, "csrc")],
             define_macros=[("VOS_KERNELS_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc + ["-std=c++17"]},
             extra_link_args=link,
         )
     return CppExtension("vos_kernels._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)

@@ -5,6 +5,13 @@
 (CUDA C++), ``"triton"``, ``"cpu"`` (C++ CPU kernels) or ``"reference"`` (the naive
 PyTorch of :mod:`vos_kernels.reference`). :func:`available_backends` lists what this
 install can run.
+
+On CUDA tensors an op runs the kernel registered at its CUDA dispatch key: the CUDA C++
+kernel where one is written and built (``cuda_cpp_ops()``), the Triton kernel otherwise.
+Backend ``"cuda"`` runs that registered kernel (so an op without a CUDA C++ kernel runs
+Triton); backend ``"triton"`` calls the Triton kernel from Python, with the op's
+autograd, also for ops that hold a CUDA C++ kernel. ``"auto"`` follows ``AUTO_CUDA``,
+the per-op choice measured on an H100 by ``scripts/gpu_check.sh``.
 """
 from __future__ import annotations
 
@@ -20,15 +27,31 @@ BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
 
 _state = {"backend": "auto"}
 
+# "auto" on CUDA tensors, per op that holds both kernels: the faster one as measured by
+# scripts/gpu_check.sh (benchmarks/results/<device>/). An op not listed runs its CUDA C++
+# kernel when built. Empty until the first GPU measurement of the CUDA C++ kernels.
+AUTO_CUDA: dict[str, str] = {}
+
 
 def _library_loaded() -> bool:
     return _ops.LOADED
 
 
 def _has_cuda_cpp() -> bool:
-    """Whether the library was built with CUDA C++ kernels (issue 7; none yet, so CUDA
-    tensors run the Triton kernels)."""
+    """Whether the library was built with CUDA C++ kernels (csrc/cuda/)."""
     return _ops.CUDA_CPP
+
+
+def cuda_cpp_ops() -> list[str]:
+    """The ops whose CUDA kernel is CUDA C++ in this install (the others run Triton on CUDA)."""
+    return sorted(_ops.CUDA_CPP_OPS)
+
+
+def triton_from_python(backend: str, device: torch.device, op: str) -> bool:
+    """Whether a resolved backend means calling the op's Triton kernel from Python (with the
+    op's autograd) rather than through the dispatcher: the interpreter on CPU tensors, or
+    backend "triton" on CUDA tensors of an op whose CUDA key holds a CUDA C++ kernel."""
+    return backend == "triton" and (device.type == "cpu" or op in _ops.CUDA_CPP_OPS)
 
 
 def triton_interpreted() -> bool:
@@ -75,8 +98,9 @@ def get_backend() -> str:
     return _state["backend"]
 
 
-def resolve(device: torch.device) -> str:
-    """The concrete backend (``"cpu"``, ``"triton"``, ``"cuda"``, ``"reference"``) for a device.
+def resolve(device: torch.device, op: str | None = None) -> str:
+    """The concrete backend (``"cpu"``, ``"triton"``, ``"cuda"``, ``"reference"``) for a device
+    (and op: ``"auto"`` on CUDA follows ``AUTO_CUDA``).
 
     Raises ValueError when the chosen backend cannot run tensors of that device, and
     RuntimeError when the compiled extension is missing.
@@ -101,9 +125,14 @@ def resolve(device: torch.device) -> str:
     if device.type == "cuda":
         if name == "cpu":
             raise ValueError("backend: 'cpu' needs CPU tensors; got CUDA tensors")
-        if name == "cuda" or (name == "auto" and _has_cuda_cpp()):
+        if name == "cuda":
             if not _has_cuda_cpp():
                 raise ValueError("backend: 'cuda' requested but the CUDA C++ kernels are not built in this install")
+            return "cuda"
+        if name == "auto" and _has_cuda_cpp():
+            choice = AUTO_CUDA.get(op, "cuda") if op in _ops.CUDA_CPP_OPS else "cuda"
+            if choice == "cuda" or _triton_importable():
+                return choice
             return "cuda"
         if not _triton_importable():
             raise RuntimeError("vos_kernels: CUDA tensors need the triton package (pip install triton)")

@@ -36,9 +36,16 @@ def _load_library() -> str | None:
 
 LIBRARY = _load_library()
 LOADED = LIBRARY is not None
-# CUDA kernels registered by the C++ library itself (CUDA C++, issue 7), checked before
-# the Triton kernels are registered below for CUDA tensors.
-CUDA_CPP = LOADED and torch._C._dispatch_has_kernel_for_dispatch_key("vos_kernels::fb_global_matching", "CUDA")
+# Ops with a CUDA kernel: CUDA C++ (csrc/cuda/, registered by the C++ library itself when
+# it was built with CUDA) where written, Triton otherwise (registered below).
+CUDA_OPS = ("labelled_nearest_sqdist", "fb_global_matching", "fb_multi_local_matching", "fb_instance_pooling",
+            "nearest_sqdist_backward", "topk_memory_read", "gmm_em", "prototype_values", "prototype_attention",
+            "diag_gmm_log_prob", "diag_gmm_log_prob_backward", "diag_gmm_fit", "diag_gmm_fit_backward")
+# Which of them hold a CUDA C++ kernel: read before the Triton kernels are registered.
+CUDA_CPP_OPS = frozenset(
+    name for name in CUDA_OPS
+    if LOADED and torch._C._dispatch_has_kernel_for_dispatch_key("vos_kernels::" + name, "CUDA"))
+CUDA_CPP = bool(CUDA_CPP_OPS)
 
 
 def _out_dtype(x: torch.Tensor) -> torch.dtype:
@@ -82,11 +89,11 @@ def _fb_backward(ctx, grad_fg, grad_bg, M):
     return g_d.reshape(B, M, -1), index.reshape(B, M, -1), grad_bias
 
 
-def _sqdist_grads(g, index, query, reference):
+def _sqdist_grads(ctx, g, index, query, reference):
     B, C = query.shape[0], query.shape[-1]
     q = query.reshape(B, -1, C)
     r = reference.reshape(B, -1, C)
-    gq, gr = torch.ops.vos_kernels.nearest_sqdist_backward(g.to(_out_dtype(q)), q, r, index)
+    gq, gr = _backward_op(ctx, "nearest_sqdist_backward")(g.to(_out_dtype(q)), q, r, index)
     return gq.reshape(query.shape).to(query.dtype), gr.reshape(reference.shape).to(reference.dtype)
 
 
@@ -104,7 +111,7 @@ def _global_backward(ctx, grad_fg, grad_bg, _grad_index):
     g, index, grad_bias = _fb_backward(ctx, grad_fg, grad_bg, L)
     gq = gr = None
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-        gq, gr = _sqdist_grads(g, index, query, reference)
+        gq, gr = _sqdist_grads(ctx, g, index, query, reference)
     return gq, gr, None, None, grad_bias.to(ctx.bias_dtype), None
 
 
@@ -122,7 +129,7 @@ def _local_backward(ctx, grad_fg, grad_bg, _grad_index):
     g, index, grad_bias = _fb_backward(ctx, grad_fg, grad_bg, M)
     gq = gp = None
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-        gq, gp = _sqdist_grads(g, index, query, previous)
+        gq, gp = _sqdist_grads(ctx, g, index, query, previous)
     return gq, gp, None, None, None, grad_bias.to(ctx.bias_dtype), None
 
 
@@ -138,7 +145,7 @@ def _sqdist_backward(ctx, grad_sqdist, _grad_index):
     if grad_sqdist is None:
         return None, None, None, None, None
     g = torch.where(index >= 0, grad_sqdist, torch.zeros_like(grad_sqdist))
-    gq, gr = _sqdist_grads(g.reshape(B, L, -1), index.reshape(B, L, -1), query, reference)
+    gq, gr = _sqdist_grads(ctx, g.reshape(B, L, -1), index.reshape(B, L, -1), query, reference)
     return gq, gr, None, None, None
 
 
@@ -231,7 +238,8 @@ def _topk_autograd(query_key, memory_key, memory_value, k, scale, usage, usage_m
 
 
 def topk_read_interpreted(query_key, memory_key, memory_value, k, scale, usage, usage_mode):
-    """The Triton top-k read on CPU tensors (``TRITON_INTERPRET=1``), with the op's autograd."""
+    """The Triton top-k read called from Python, with the op's autograd: on CPU tensors
+    (``TRITON_INTERPRET=1``), or on CUDA tensors when the op's CUDA key holds the CUDA C++ kernel."""
     return _TopkMemoryRead.apply(_triton_entry("topk_memory_read"), query_key, memory_key, memory_value,
                                  k, scale, usage, usage_mode)
 
@@ -244,8 +252,9 @@ def topk_read_interpreted(query_key, memory_key, memory_value, k, scale, usage, 
 
 def _backward_op(ctx, name):
     """The backward op: the registered kernel, or the Triton kernel when the forward ran
-    in the Triton interpreter on CPU tensors."""
-    return _triton_entry(name) if getattr(ctx, "interpreted", False) else getattr(torch.ops.vos_kernels, name)
+    as a Triton kernel called from Python (the interpreter on CPU tensors, or backend
+    "triton" on CUDA tensors whose op holds a CUDA C++ kernel)."""
+    return _triton_entry(name) if getattr(ctx, "triton_backward", False) else getattr(torch.ops.vos_kernels, name)
 
 
 def _proto_values_setup(ctx, inputs, output):
@@ -348,14 +357,15 @@ GMM_OPS = ("gmm_em", "prototype_values", "prototype_attention", "diag_gmm_log_pr
 
 
 def gmm_interpreted(name, *args):
-    """A GMM op's Triton kernel on CPU tensors (``TRITON_INTERPRET=1``), with the op's autograd."""
+    """A GMM op's Triton kernel called from Python, with the op's autograd (CPU tensors under
+    ``TRITON_INTERPRET=1``, or CUDA tensors when the op's CUDA key holds the CUDA C++ kernel)."""
     entry = _triton_entry(name)
     if name == "gmm_em":
         return entry(*args)
     setup, backward = _GMM_AUTOGRAD[name]
 
     def setup_interpreted(ctx, inputs, output):
-        ctx.interpreted = True
+        ctx.triton_backward = True
         setup(ctx, inputs, output)
 
     fn = _InterpretedTriton._cache.get("gmm:" + name)
@@ -463,9 +473,8 @@ def _register() -> None:
 
     # CUDA tensors: Triton kernels (imported lazily so that importing vos_kernels never
     # needs triton, and TRITON_INTERPRET is read when the kernels are first used).
-    for name in ("labelled_nearest_sqdist", "fb_global_matching", "fb_multi_local_matching",
-                 "fb_instance_pooling", "nearest_sqdist_backward", "topk_memory_read") + GMM_OPS:
-        if not torch._C._dispatch_has_kernel_for_dispatch_key(lib + name, "CUDA"):
+    for name in CUDA_OPS:
+        if name not in CUDA_CPP_OPS:
             torch.library.register_kernel(lib + name, "cuda", _triton_entry(name))
 
 
@@ -480,8 +489,10 @@ def _triton_entry(name):
 
 
 class _InterpretedTriton:
-    """Autograd wrappers that run the Triton kernels on CPU tensors under TRITON_INTERPRET=1,
-    with the same backward formulas as the registered ops."""
+    """Autograd wrappers that call the Triton kernels from Python, with the same backward
+    formulas as the registered ops (whose backward kernels are the Triton ones too): on CPU
+    tensors under TRITON_INTERPRET=1, and for backend "triton" on CUDA tensors when the
+    op's CUDA key holds the CUDA C++ kernel."""
 
     _cache: dict = {}
 
@@ -494,10 +505,16 @@ class _InterpretedTriton:
                       "fb_instance_pooling": (_pooling_setup, _pooling_backward)}
             setup, backward = setups[name]
             entry = _triton_entry(name)
+
+            def setup_triton(ctx, inputs, output, setup=setup):
+                # On CPU tensors the backward keeps the C++ nearest_sqdist_backward.
+                ctx.triton_backward = inputs[0].is_cuda
+                setup(ctx, inputs, output)
+
             cls._cache[name] = type(
                 f"TritonInterpreted_{name}", (torch.autograd.Function,),
                 {"forward": staticmethod(lambda *args: entry(*args)),
-                 "setup_context": staticmethod(setup),
+                 "setup_context": staticmethod(setup_triton),
                  "backward": staticmethod(backward)})
         return cls._cache[name]
 

@@ -78,7 +78,7 @@ import torch
 from . import benchmark_gmm as _G
 from . import benchmark_train as _T
 from . import reference as _reference
-from ._backend import get_backend, set_backend
+from ._backend import BACKENDS, get_backend, set_backend
 from .matching import fb_global_matching, fb_multi_local_matching
 from .memory import topk_memory_read
 
@@ -518,12 +518,13 @@ class _Backend:
         set_backend(self.before)
 
 
-def implementation(case: Case, which: str, device: torch.device) -> Callable[..., tuple]:
-    """``fn(**inputs) -> (fg, bg)`` for ``which`` in {"fused", "reference"}."""
+def implementation(case: Case, which: str, device: torch.device, backend: str | None = None) -> Callable[..., tuple]:
+    """``fn(**inputs) -> (fg, bg)`` for ``which`` in {"fused", "reference"}; the fused side
+    runs ``backend`` (default :func:`fused_backend`)."""
     op = OPS[case.op]
     if which == "reference":
         return op.reference
-    backend = fused_backend(device)
+    backend = backend or fused_backend(device)
 
     def fused(**inputs):
         with _Backend(backend):
@@ -613,6 +614,15 @@ def measure_ceilings(device: torch.device, threads: int, quick: bool) -> dict:
     )
     if device.type == "cuda":
         out["matmul"]["allow_tf32"] = bool(torch.backends.cuda.matmul.allow_tf32)
+        # the tensor-core rate the TF32 kernels are held to (fp32 operands, TF32 products)
+        before = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high")
+        try:
+            mm32 = time_call(lambda: torch.matmul(a, a), device, threads, 3, run_time)
+        finally:
+            torch.set_float32_matmul_precision(before)
+        out["matmul_tf32"] = dict(n=n, dtype="float32 (TF32 products)",
+                                  gflops=2.0 * n**3 / (mm32["median_ms"] / 1e3) / 1e9)
     return out
 
 
@@ -700,6 +710,8 @@ class Settings:
     memory: bool
     reference_error: bool
     ceilings: dict | None = None
+    # fused backends: the first is "fused" in the tables, the others are timed beside it
+    backends: tuple[str, ...] = ()
 
 
 def _max_error(out: Sequence[torch.Tensor], oracle: Sequence[torch.Tensor],
@@ -715,13 +727,14 @@ def _max_error(out: Sequence[torch.Tensor], oracle: Sequence[torch.Tensor],
     return errs
 
 
-def _run_impl(case: Case, which: str, inputs: dict, s: Settings) -> tuple[dict, tuple | None]:
+def _run_impl(case: Case, which: str, inputs: dict, s: Settings,
+              backend: str | None = None) -> tuple[dict, tuple | None]:
     """Warm up (keeping the outputs), time, and measure the memory of one implementation."""
     op = OPS[case.op]
-    fn = implementation(case, which, s.device)
+    fn = implementation(case, which, s.device, backend)
     res: dict = dict(status="ok")
     if which == "fused":
-        res["backend"] = fused_backend(s.device)
+        res["backend"] = backend or fused_backend(s.device)
     else:
         est = op.reference_peak(case, 4)
         res["estimated_peak_bytes"] = int(est)
@@ -752,6 +765,8 @@ def _run_impl(case: Case, which: str, inputs: dict, s: Settings) -> tuple[dict, 
     if s.ceilings:
         res["pct_matmul"] = 100.0 * res["gflops"] / s.ceilings["matmul"]["gflops"]
         res["pct_copy"] = 100.0 * res["gbytes_per_s"] / s.ceilings["copy"]["gbytes_per_s"]
+        if "matmul_tf32" in s.ceilings:
+            res["pct_matmul_tf32"] = 100.0 * res["gflops"] / s.ceilings["matmul_tf32"]["gflops"]
     return res, out
 
 
@@ -768,8 +783,12 @@ def run_case(case: Case, s: Settings) -> dict:
         record["reference_candidates"] = _global_candidates(case, inputs)
     record["sweep_x"] = case.frames * case.pixels if case.op == "topk" else case.pixels
     outs = {}
+    backends = s.backends or (fused_backend(s.device),)
     for which in ("fused", "reference"):
-        record[which], outs[which] = _run_impl(case, which, inputs, s)
+        record[which], outs[which] = _run_impl(case, which, inputs, s, backends[0] if which == "fused" else None)
+    alternatives = {}
+    for b in backends[1:]:
+        alternatives[b], outs["alt:" + b] = _run_impl(case, "fused", inputs, s, b)
     if s.reference_error and any(o is not None for o in outs.values()):
         record["oracle"] = op.oracle_text
         try:
@@ -780,6 +799,9 @@ def run_case(case: Case, s: Settings) -> dict:
             for which in ("fused", "reference"):
                 if outs[which] is not None:
                     record[which]["max_abs_error"] = _max_error(outs[which], oracle, op.outputs)
+            for b, res in alternatives.items():
+                if outs["alt:" + b] is not None:
+                    res["max_abs_error"] = _max_error(outs["alt:" + b], oracle, op.outputs)
             del oracle
     fused, ref = record["fused"], record["reference"]
     both_timed = "time" in ref and "time" in fused
@@ -789,6 +811,11 @@ def run_case(case: Case, s: Settings) -> dict:
                                   if fm.get("status") == "ok" and rm.get("status") == "ok" and rm["extra_bytes"]
                                   else None)
     record["max_abs_error"] = fused.get("max_abs_error", {}).get("max")
+    if alternatives:
+        record["alternatives"] = alternatives
+        for res in alternatives.values():
+            if "time" in res and "time" in ref:
+                res["speedup"] = ref["time"]["median_ms"] / res["time"]["median_ms"]
     return record
 
 
@@ -902,16 +929,29 @@ def markdown(results: dict) -> str:
     head = (f"Device: {env['device_name']} ({env['device']}, {env['threads']} threads), torch {env['torch']}, "
             f"triton {env['triton']}, commit {env['git_commit'][:12]}{' (dirty)' if env.get('git_dirty') else ''}, "
             f"{env['date']}.")
-    rows = ["| case | sizes | fused ms | reference ms | speedup | fused extra MiB | reference extra MiB "
-            "| memory ratio % | max error |",
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    alt_names = sorted({b for c in results["cases"] for b in c.get("alternatives", {})})
+    cuda = env["device"] == "cuda"
+    first = results["cases"][0]["fused"].get("backend", "fused") if results["cases"] else "fused"
+    head_alt = "".join(f" | {b} ms (speedup) | {b} max error" for b in alt_names)
+    rows = [f"| case | sizes | fused ({first}) ms | reference ms | speedup | fused extra MiB | reference extra MiB "
+            "| memory ratio % | max error" + (" | fused GFLOP/s | % TF32 mm | % fp32 mm | % copy" if cuda else "")
+            + head_alt + " |",
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---:" + (" | ---: | ---: | ---: | ---:" if cuda else "")
+            + " | ---: | ---:" * len(alt_names) + " |"]
     for c in results["cases"]:
         f, r = c["fused"], c["reference"]
-        rows.append(" | ".join([
-            f"| {c['name']}", c["sizes"], _fmt_ms(f), _fmt_ms(r), _fmt(c["speedup"]),
-            _fmt_mib(f), _fmt_mib(r), _fmt(c["memory_ratio_pct"]),
-            ("-" if c["max_abs_error"] is None else f"{c['max_abs_error']:.1e}") + " |",
-        ]))
+        cells = [f"| {c['name']}", c["sizes"], _fmt_ms(f), _fmt_ms(r), _fmt(c["speedup"]),
+                 _fmt_mib(f), _fmt_mib(r), _fmt(c["memory_ratio_pct"]),
+                 "-" if c["max_abs_error"] is None else f"{c['max_abs_error']:.1e}"]
+        if cuda:
+            cells += [_fmt(f.get("gflops")), _fmt(f.get("pct_matmul_tf32")), _fmt(f.get("pct_matmul")),
+                      _fmt(f.get("pct_copy"))]
+        for b in alt_names:
+            a = c.get("alternatives", {}).get(b, {})
+            err = a.get("max_abs_error", {}).get("max")
+            cells += [f"{_fmt_ms(a)} ({_fmt(a.get('speedup'))})" if a else "-",
+                      "-" if err is None else f"{err:.1e}"]
+        rows.append(" | ".join(cells) + " |")
     notes = [
         "ms: median ± half the interquartile range of the per-call times; speedup = reference / fused "
         "(medians); extra MiB: peak memory above the inputs during one call "
@@ -920,6 +960,14 @@ def markdown(results: dict) -> str:
         + "; memory ratio = fused / reference; max error: max |fused − reference in float64| over the outputs (fg and bg; the readout of the top-k read, without the queries whose k-th and (k+1)-th affinities are closer than 1e-4, where float32 may pick either entry; means and resp of EM; the read and prototypes of the PCAN instance head; the gradients of the A-GAME unroll; the gradients of the CFBI+ train step, against the fused head in float64, see 'oracle' in results.json).",
         "skipped: the reference's estimated peak exceeds the limit; OOM: it ran out of memory.",
     ]
+    if cuda:
+        notes.append("% TF32 mm / % fp32 mm / % copy: the fused side's FLOP/s (the op's FLOP count) and bytes/s "
+                     "(each input read once, each output written once) over the measured ceilings of this run "
+                     "(results.json 'ceilings': an 8192² float32 matmul with TF32 products and in full fp32, and "
+                     "a 1 GiB device copy).")
+    if alt_names:
+        notes.append("Other backends (" + ", ".join(alt_names) + "): the same op run with that backend on the "
+                     "same inputs; speedup = reference / that backend.")
     skipped = [f"- {c['name']}: {c['reference']['reason']}" for c in results["cases"] if c["reference"].get("reason")]
     return "\n".join([head, "", *rows, "", *notes, *(["", *skipped] if skipped else [])]) + "\n"
 
@@ -1033,6 +1081,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the selected cases and exit")
     p.add_argument("--out", metavar="DIR", help="output folder (default benchmarks/results/<device-slug>)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--backends", metavar="LIST",
+                   help="comma-separated fused backends, e.g. 'cuda,triton' (default: cpu on CPU, auto on CUDA); "
+                        "the first is the 'fused' column, the others are timed beside it")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads (default: all cores)")
     p.add_argument("--repeats", type=int, default=3, help="minimum timed runs per implementation (default 3)")
     p.add_argument("--min-run-time", type=float, default=None,
@@ -1074,12 +1125,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     s = Settings(device=device, threads=threads, repeats=max(1, args.repeats),
                  min_run_time=args.min_run_time if args.min_run_time is not None else (0.05 if args.quick else 1.0),
                  seed=args.seed, max_reference_bytes=args.max_reference_gib * GiB, memory=not args.no_memory,
-                 reference_error=not args.no_reference_error)
+                 reference_error=not args.no_reference_error,
+                 backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()) if args.backends else ())
+    for b in s.backends:
+        if b not in BACKENDS or b == "reference":
+            print(f"--backends: {b!r} is not a fused backend (one of {[x for x in BACKENDS if x != 'reference']})",
+                  file=sys.stderr)
+            return 2
     results = dict(schema=1, environment=environment(device, threads),
                    settings=dict(quick=args.quick, cases=args.cases, repeats=s.repeats, min_run_time=s.min_run_time,
                                  seed=s.seed, max_reference_gib=args.max_reference_gib, memory=s.memory,
                                  reference_error=s.reference_error, ignore_fraction=IGNORE_FRACTION,
-                                 bias=[BIAS_BG, BIAS_FG], reference_n_chunks=REFERENCE_CHUNKS),
+                                 bias=[BIAS_BG, BIAS_FG], reference_n_chunks=REFERENCE_CHUNKS,
+                                 backends=list(s.backends) or [fused_backend(device)],
+                                 float32_matmul_precision=torch.get_float32_matmul_precision()),
                    peers=peers(), ceilings=None, cases=[])
     print(f"vos_kernels benchmark: {len(cases)} case(s) on {results['environment']['device_name']}, "
           f"{threads} thread(s) -> {out_dir}", flush=True)

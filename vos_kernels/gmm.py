@@ -21,7 +21,7 @@ import torch
 from . import _ops
 from . import _validation as V
 from . import reference as _reference
-from ._backend import resolve
+from ._backend import resolve, triton_from_python
 
 KERNELS = {"dot": 0, "l2": 1}
 
@@ -53,10 +53,10 @@ def _aux_float(t, name: str, ref: torch.Tensor, ref_name: str) -> torch.Tensor:
 def _run(name: str, device: torch.device, reference, *args):
     """Dispatch to the chosen backend; returns what the op returns (``reference()`` returns
     the same for the ``"reference"`` backend)."""
-    backend = resolve(device)
+    backend = resolve(device, name)
     if backend == "reference":
         return reference()
-    if backend == "triton" and device.type == "cpu":     # Triton interpreter, op's autograd
+    if triton_from_python(backend, device, name):     # interpreter, or Triton beside CUDA C++; op's autograd
         return _ops.gmm_interpreted(name, *args)
     return getattr(torch.ops.vos_kernels, name)(*args)
 

@@ -2,7 +2,7 @@
 
 Each function validates its arguments (ValueError naming the argument), picks the backend
 (:func:`vos_kernels.set_backend`) and calls ``torch.ops.vos_kernels.<name>`` (C++ on CPU,
-Triton on CUDA), or :mod:`vos_kernels.reference` for the ``"reference"`` backend.
+CUDA C++ or Triton on CUDA), or :mod:`vos_kernels.reference` for the ``"reference"`` backend.
 Semantics: ``../shared/spec/api.md``; backend contract: ``docs/internals.md``.
 """
 from __future__ import annotations
@@ -13,15 +13,15 @@ import torch
 
 from . import _validation as V
 from . import reference as _reference
-from ._backend import resolve
+from ._backend import resolve, triton_from_python
 from ._ops import _InterpretedTriton
 
 
 def _call(name: str, device: torch.device, *args):
-    backend = resolve(device)
+    backend = resolve(device, name)
     if backend == "reference":
         return None
-    if backend == "triton" and device.type == "cpu":  # Triton interpreter
+    if triton_from_python(backend, device, name):  # Triton interpreter, or Triton beside CUDA C++
         return _InterpretedTriton.function(name).apply(*args)
     return getattr(torch.ops.vos_kernels, name)(*args)
 

@@ -15,7 +15,7 @@ import torch
 from . import _ops
 from . import _validation as V
 from . import reference as _reference
-from ._backend import resolve
+from ._backend import resolve, triton_from_python
 
 USAGE_MODES = {"hits": 1, "weights": 2}
 
@@ -83,14 +83,14 @@ def topk_memory_read(query_key: torch.Tensor, memory_key: torch.Tensor, memory_v
         if usage.dtype != torch.float32 or list(usage.shape) != [B, Nm] or usage.device != query_key.device:
             V.fail("usage", f"a float32 tensor [B, Nm] = [{B}, {Nm}] on {query_key.device}",
                    f"{str(usage.dtype).replace('torch.', '')} {list(usage.shape)} on {usage.device}")
-    backend = resolve(query_key.device)
+    backend = resolve(query_key.device, "topk_memory_read")
     if backend == "reference":
         out, (index, weight) = _reference.topk_memory_read(query_key, memory_key, memory_value, k, float(scale),
                                                            usage, usage_mode, return_topk=True)
-    elif backend == "triton" and query_key.device.type == "cpu":   # Triton interpreter
+    elif triton_from_python(backend, query_key.device, "topk_memory_read"):   # interpreter, or Triton beside CUDA C++
         out, index, weight = _ops.topk_read_interpreted(
             query_key, memory_key, memory_value, k, float(scale), usage, USAGE_MODES[usage_mode])
-    else:   # C++ on CPU; on CUDA the op's registered kernel (Triton until issue 7's CUDA C++)
+    else:   # C++ on CPU; on CUDA the op's registered kernel (CUDA C++ where built, else Triton)
         out, index, weight = torch.ops.vos_kernels.topk_memory_read(
             query_key, memory_key, memory_value, k, float(scale), usage, USAGE_MODES[usage_mode])
     return (out, (index, weight)) if return_topk else out

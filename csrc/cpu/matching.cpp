@@ -360,6 +360,10 @@ void nearest_one_batch(const Tensor& query,      // [Nq, C] contiguous
   const int64_t BN = std::max<int64_t>(1, kTileElems / BM);
   const int64_t num_tiles = (Nq + BM - 1) / BM;
   at::parallel_for(0, num_tiles, 1, [&](int64_t t0, int64_t t1) {
+    // Worker threads do not inherit the caller's dispatch state: without this guard the
+    // at::mm_out below sees inputs that require grad and goes through autograd (an error
+    // for out= ops) whenever the op runs under the autograd key on several threads.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     Tensor tile = at::empty({BM * BN}, query.options());
     T* tp = tile.data_ptr<T>();
     for (int64_t t = t0; t < t1; ++t) {

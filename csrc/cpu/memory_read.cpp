@@ -86,6 +86,10 @@ void topk_one_batch(const Tensor& query,   // [Nq, CK] contiguous
   const int64_t num_tiles = (Nq + BM - 1) / BM;
   const T* vp = value.data_ptr<T>();
   at::parallel_for(0, num_tiles, 1, [&](int64_t t0, int64_t t1) {
+    // Worker threads do not inherit the caller's dispatch state: without this guard the
+    // at::mm_out below sees inputs that require grad and goes through autograd (an error
+    // for out= ops) whenever the op runs under the autograd key on several threads.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     Tensor tile = at::empty({BM * BN}, query.options());
     T* tp = tile.data_ptr<T>();
     std::vector<TopK<T>> heaps(BM);

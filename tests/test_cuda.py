@@ -1,0 +1,454 @@
+"""Every op on every CUDA backend against the float64 reference (issue 7).
+
+On a CUDA machine each test runs once per CUDA backend: ``"cuda"`` (the CUDA C++ kernels
+of csrc/cuda/, where built; ops without one run Triton there) and ``"triton"`` (the
+Triton kernels called from Python). The oracle is :mod:`vos_kernels.reference` run in
+float64 on CPU copies of the same fresh random inputs. Without CUDA every test skips,
+except when ``VOS_CUDA_TESTS_ON_CPU=1``: then they run on CPU tensors with backend
+``"cpu"``, which checks this file's own logic on machines without a GPU.
+
+Tolerances (documented in docs/internals.md, "CUDA precision"):
+- float32 under ``torch.get_float32_matmul_precision() == "highest"`` (torch's default):
+  fp32-accurate products (3xTF32 on the tensor cores): 1e-4 relative to ‖q‖² + ‖r‖²;
+- ``"high"`` (one TF32 product, 10-bit mantissa operands): 5e-3 relative;
+- float16 / bfloat16 inputs: exact in TF32, compared with the float64 reference on the
+  same (rounded) values: 1e-4 relative;
+- float64: 1e-9.
+Indices are checked by the distance they point at, since under TF32 a near tie may pick
+either pixel; where the minimum is unique by a margin the index must be the oracle's.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import vos_kernels as vk
+from vos_kernels import reference as R
+
+ON_CPU = os.environ.get("VOS_CUDA_TESTS_ON_CPU") == "1" and not torch.cuda.is_available()
+if torch.cuda.is_available():
+    DEV = torch.device("cuda")
+    BACKENDS = ["cuda", "triton"]
+elif ON_CPU:
+    DEV = torch.device("cpu")
+    BACKENDS = ["cpu"]
+else:
+    DEV = torch.device("cpu")
+    BACKENDS = ["cuda", "triton"]
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available() and not ON_CPU, reason="needs a CUDA GPU"),
+]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    name = request.param
+    if name == "cuda" and DEV.type == "cuda" and "cuda" not in vk.available_backends():
+        pytest.skip("the CUDA C++ kernels are not built in this install")
+    vk.set_backend(name)
+    return name
+
+
+def randn(g, *shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(DEV)
+
+
+def labels(g, L, *shape, ignore=True, dtype=torch.int64):
+    lo = -1 if ignore else 0
+    return torch.randint(lo, L, shape, generator=g).to(dtype).to(DEV)
+
+
+def cpu64(*ts):
+    return [t.detach().cpu().double() if t.is_floating_point() else t.detach().cpu() for t in ts]
+
+
+def rel_tol(dtype):
+    if dtype == torch.float64:
+        return 1e-9
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return 5e-3
+    return 1e-4
+
+
+def assert_close_rel(out, want, scale, tol, what):
+    out, want = out.detach().cpu().double(), want.detach().cpu().double()
+    assert out.shape == want.shape, (what, out.shape, want.shape)
+    both_inf = torch.isinf(out) & torch.isinf(want) & (torch.sign(out) == torch.sign(want))
+    both_nan = torch.isnan(out) & torch.isnan(want)
+    err = torch.where(both_inf | both_nan, torch.zeros_like(out), (out - want).abs())
+    err = torch.nan_to_num(err, nan=float("inf"))
+    bad = err > tol * scale
+    assert not bad.any(), (f"{what}: {int(bad.sum())} of {bad.numel()} elements off; max err "
+                           f"{float(err.max()):.3g} > tol {tol} x scale {float(scale):.3g}")
+
+
+def sqdist_at(query, reference, index):
+    """‖q − r[index]‖² in float64 for index [B, L, H, W] into T·Hr·Wr (inf at -1)."""
+    q, r = cpu64(query, reference)
+    B, H, W, C = q.shape
+    rf = r.reshape(B, -1, C)
+    idx = index.cpu()
+    L = idx.shape[1]
+    safe = idx.clamp(min=0).reshape(B, L * H * W)
+    rsel = torch.gather(rf, 1, safe.unsqueeze(-1).expand(-1, -1, C)).reshape(B, L, H, W, C)
+    d = ((q.unsqueeze(1) - rsel) ** 2).sum(-1)
+    return torch.where(idx >= 0, d, torch.full_like(d, float("inf")))
+
+
+def norm_scale(query, reference):
+    """Per-problem scale of a squared distance: max ‖q‖² + max ‖r‖²."""
+    q, r = cpu64(query, reference)
+    return float((q * q).sum(-1).max() + (r * r).sum(-1).max())
+
+
+# ----------------------------------------------------------------------------------------
+# global matching
+# ----------------------------------------------------------------------------------------
+GLOBAL_CASES = [
+    # (H, W, T, Hr, Wr, C, L, rate)
+    (7, 9, 1, 6, 11, 3, 1, 1),
+    (13, 17, 1, 11, 19, 7, 3, 1),
+    (16, 16, 2, 16, 16, 32, 4, 2),
+    (9, 23, 1, 21, 10, 100, 6, 3),
+    (33, 31, 1, 35, 29, 64, 5, 2),
+    (5, 70, 1, 40, 37, 128, 2, 1),
+]
+
+
+@pytest.mark.parametrize("case", GLOBAL_CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_global_sqdist(gen, backend, case, dtype):
+    H, W, T, Hr, Wr, C, L, rate = case
+    q = randn(gen, 2, H, W, C, dtype=dtype)
+    r = randn(gen, 2, T, Hr, Wr, C, dtype=dtype)
+    lab = labels(gen, L, 2, T, Hr, Wr)
+    sq, ix = vk.labelled_nearest_sqdist(q, r, lab, L, rate)
+    want, want_ix = R.labelled_nearest_sqdist(*cpu64(q, r), lab.cpu(), L, rate)
+    tol, scale = rel_tol(dtype), norm_scale(q, r)
+    assert_close_rel(sq, want, scale, tol, "sqdist")
+    assert ((ix >= 0).cpu() == (want_ix >= 0)).all(), "empty labels differ"
+    # the index points at a pixel of that label whose distance is the minimum
+    at = sqdist_at(q, r, ix)
+    assert_close_rel(at.clamp(min=0), want, scale, tol, "distance at the returned index")
+    lab_flat = lab.cpu().reshape(2, -1)
+    got_lab = torch.gather(lab_flat, 1, ix.cpu().clamp(min=0).reshape(2, -1)).reshape(ix.shape)
+    lvals = torch.arange(L).view(1, L, 1, 1).expand_as(got_lab)
+    assert ((got_lab == lvals) | (ix.cpu() < 0)).all(), "index points at a pixel of another label"
+    if dtype == torch.float64:
+        assert (ix.cpu() == want_ix).all()
+
+
+@pytest.mark.parametrize("rate", [1, 2])
+def test_fb_global_matching(gen, backend, rate):
+    L = 4
+    q = randn(gen, 2, 15, 22, 32)
+    r = randn(gen, 2, 1, 17, 20, 32)
+    lab = labels(gen, L, 2, 1, 17, 20)
+    lab[1, :, :, :][lab[1] == 2] = 3          # label 2 empty in the second sample
+    bias = torch.tensor([-0.7, 0.4, 0.4, 0.4], device=DEV)
+    fg, bg = vk.fb_global_matching(q, r, lab, L, bias, rate)
+    wfg, wbg = R.fb_global_matching(*cpu64(q, r), lab.cpu(), L, bias.cpu().double(), rate)
+    tol = rel_tol(torch.float32) * norm_scale(q, r)     # tanh' <= 1/2: distance tolerance bounds fg's
+    assert_close_rel(fg, wfg, 1.0, tol, "fg")
+    assert_close_rel(bg, wbg, 1.0, tol, "bg")
+    assert (fg[1, 2] == 1).all(), "an empty label must give fg exactly 1"
+
+
+def test_global_ties_lowest_index(gen, backend):
+    # integer embeddings: exact distances in every precision, many exact ties
+    q = torch.randint(-2, 3, (1, 6, 7, 4), generator=gen).float().to(DEV)
+    r = torch.randint(-2, 3, (1, 1, 9, 8, 4), generator=gen).float().to(DEV)
+    lab = labels(gen, 3, 1, 1, 9, 8, ignore=False)
+    sq, ix = vk.labelled_nearest_sqdist(q, r, lab, 3, 1)
+    want, want_ix = R.labelled_nearest_sqdist(*cpu64(q, r), lab.cpu(), 3, 1)
+    assert torch.equal(sq.cpu().double(), want)
+    assert torch.equal(ix.cpu(), want_ix), "ties must go to the lowest flat reference index"
+
+
+def test_global_nan_propagates(gen, backend):
+    q = randn(gen, 1, 5, 6, 8)
+    r = randn(gen, 1, 1, 5, 6, 8)
+    lab = labels(gen, 2, 1, 1, 5, 6, ignore=False)
+    q[0, 2, 3, 1] = float("nan")
+    sq, _ = vk.labelled_nearest_sqdist(q, r, lab, 2, 1)
+    want, _ = R.labelled_nearest_sqdist(*cpu64(q, r), lab.cpu(), 2, 1)
+    assert torch.equal(torch.isnan(sq.cpu()), torch.isnan(want))
+    assert torch.isnan(sq[0, :, 2, 3]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_global_half_inputs(gen, backend, dtype):
+    if DEV.type == "cpu":
+        pytest.skip("float16/bfloat16 inputs are a CUDA feature")
+    q = randn(gen, 1, 12, 14, 32, dtype=dtype)
+    r = randn(gen, 1, 1, 13, 11, 32, dtype=dtype)
+    lab = labels(gen, 3, 1, 1, 13, 11)
+    sq, ix = vk.labelled_nearest_sqdist(q, r, lab, 3, 2)
+    assert sq.dtype == torch.float32
+    want, _ = R.labelled_nearest_sqdist(*cpu64(q, r), lab.cpu(), 3, 2)
+    assert_close_rel(sq, want, norm_scale(q, r), 1e-4, "sqdist (half inputs, float64 oracle on the same values)")
+
+
+def test_global_noncontiguous_int32(gen, backend):
+    q = randn(gen, 1, 10, 12, 16).permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)
+    r = randn(gen, 1, 1, 9, 13, 16)[..., ::1]
+    r = r.transpose(2, 3).contiguous().transpose(2, 3)
+    lab = labels(gen, 3, 1, 1, 9, 13, dtype=torch.int32)
+    assert not q.is_contiguous() and not r.is_contiguous()
+    sq, _ = vk.labelled_nearest_sqdist(q, r, lab, 3, 1)
+    want, _ = R.labelled_nearest_sqdist(*cpu64(q, r), lab.cpu().long(), 3, 1)
+    assert_close_rel(sq, want, norm_scale(q, r), rel_tol(torch.float32), "sqdist")
+
+
+# ----------------------------------------------------------------------------------------
+# multi-local matching
+# ----------------------------------------------------------------------------------------
+LOCAL_CASES = [
+    # (H, W, C, L, windows, rate)
+    (9, 11, 3, 1, (1,), 1),
+    (17, 13, 32, 3, (2, 4, 6), 2),
+    (24, 30, 32, 4, (4, 8, 12, 16, 20, 24), 2),
+    (15, 19, 64, 3, (2, 4, 6, 8, 10, 12), 1),
+    (7, 8, 100, 2, (2, 20), 1),          # windows larger than the frame
+    (12, 14, 128, 5, (1, 3, 6), 3),
+]
+
+
+@pytest.mark.parametrize("case", LOCAL_CASES, ids=lambda c: f"{c[0]}x{c[1]}-C{c[2]}-L{c[3]}-w{max(c[4])}-r{c[5]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_local(gen, backend, case, dtype):
+    H, W, C, L, windows, rate = case
+    q = randn(gen, 2, H, W, C, dtype=dtype)
+    p = randn(gen, 2, H, W, C, dtype=dtype)
+    lab = labels(gen, L, 2, H, W)
+    bias = torch.linspace(-0.5, 0.5, L, device=DEV)
+    fg, bg = vk.fb_multi_local_matching(q, p, lab, L, list(windows), bias, rate)
+    wfg, wbg = R.fb_multi_local_matching(*cpu64(q, p), lab.cpu(), L, list(windows), bias.cpu().double(), rate)
+    tol = 1e-9 if dtype == torch.float64 else 1e-5 * norm_scale(q, p)   # FFMA: fp32-accurate
+    assert_close_rel(fg, wfg, 1.0, tol, "fg")
+    assert_close_rel(bg, wbg, 1.0, tol, "bg")
+
+
+def test_local_ties_and_nan(gen, backend):
+    q = torch.randint(-1, 2, (1, 9, 10, 3), generator=gen).float().to(DEV)
+    p = torch.randint(-1, 2, (1, 9, 10, 3), generator=gen).float().to(DEV)
+    p[0, 4, 4, 0] = float("nan")
+    lab = labels(gen, 3, 1, 9, 10)
+    bias = torch.zeros(3, device=DEV)
+    fg, bg = vk.fb_multi_local_matching(q, p, lab, 3, [1, 2, 4], bias, 1)
+    wfg, wbg = R.fb_multi_local_matching(*cpu64(q, p), lab.cpu(), 3, [1, 2, 4], bias.cpu().double(), 1)
+    assert torch.equal(torch.isnan(fg.cpu()), torch.isnan(wfg)), "NaN pattern of fg"
+    assert_close_rel(fg, wfg, 1.0, 1e-6, "fg")
+    assert_close_rel(bg, wbg, 1.0, 1e-6, "bg")
+
+
+# ----------------------------------------------------------------------------------------
+# gradients (through the argmin pair), instance pooling
+# ----------------------------------------------------------------------------------------
+def _grads(fn, *inputs):
+    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    outs = fn(*inputs)
+    loss = sum((o * torch.linspace(0.5, 1.5, o.numel(), dtype=o.dtype, device=o.device).view_as(o)).sum()
+               for o in outs)
+    return torch.autograd.grad(loss, inputs)
+
+
+def test_backward_global_and_local_float64(gen, backend):
+    # float64: the argmin pairs equal the oracle's, so the gradients must too
+    L = 3
+    q = randn(gen, 2, 9, 10, 16, dtype=torch.float64)
+    r = randn(gen, 2, 1, 8, 11, 16, dtype=torch.float64)
+    lab = labels(gen, L, 2, 1, 8, 11)
+    bias = torch.tensor([-0.3, 0.2, 0.2], dtype=torch.float64, device=DEV)
+    got = _grads(lambda a, b, c: vk.fb_global_matching(a, b, lab, L, c, 2), q, r, bias)
+    want = _grads(lambda a, b, c: R.fb_global_matching(a, b, lab.cpu(), L, c, 2), *cpu64(q, r, bias))
+    for g, w, name in zip(got, want, ("query", "reference", "bias")):
+        assert_close_rel(g, w, 1.0, 1e-8, f"global grad {name}")
+    p = randn(gen, 2, 9, 10, 16, dtype=torch.float64)
+    plab = labels(gen, L, 2, 9, 10)
+    got = _grads(lambda a, b, c: vk.fb_multi_local_matching(a, b, plab, L, [1, 3], c, 1), q, p, bias)
+    want = _grads(lambda a, b, c: R.fb_multi_local_matching(a, b, plab.cpu(), L, [1, 3], c, 1), *cpu64(q, p, bias))
+    for g, w, name in zip(got, want, ("query", "previous", "bias")):
+        assert_close_rel(g, w, 1.0, 1e-8, f"local grad {name}")
+
+
+def test_instance_pooling(gen, backend):
+    e = randn(gen, 2, 11, 13, 40)
+    lab = labels(gen, 4, 2, 11, 13)
+    out = vk.fb_instance_pooling(e, lab, 4)
+    want = R.fb_instance_pooling(*cpu64(e), lab.cpu(), 4)
+    assert_close_rel(out, want, 1.0, 1e-5, "pooled means")
+
+
+# ----------------------------------------------------------------------------------------
+# top-k memory read
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(1, 37, 50, 16, 24, 5), (2, 100, 700, 64, 96, 20), (1, 64, 9, 32, 8, 20)],
+                         ids=lambda s: "B{}-Nq{}-Nm{}-CK{}-CV{}-k{}".format(*s))
+@pytest.mark.parametrize("usage_mode", ["hits", "weights"])
+def test_topk_read(gen, backend, shape, usage_mode):
+    B, Nq, Nm, CK, CV, k = shape
+    qk = randn(gen, B, Nq, CK)
+    mk = randn(gen, B, Nm, CK)
+    mv = randn(gen, B, Nm, CV)
+    usage = torch.rand(B, Nm, generator=gen).to(DEV)
+    u0 = usage.clone()
+    out, (index, weight) = vk.topk_memory_read(qk, mk, mv, k, usage=usage, usage_mode=usage_mode, return_topk=True)
+    u_ref = u0.cpu().clone()
+    want, (windex, wweight) = R.topk_memory_read(*cpu64(qk, mk, mv), k, usage=u_ref, usage_mode=usage_mode,
+                                                 return_topk=True)
+    # queries whose k-th and (k+1)-th affinities are within 1e-4 may pick either entry
+    aff = (2 * torch.einsum("bqc,bmc->bqm", *cpu64(qk, mk)) - (cpu64(mk)[0] ** 2).sum(-1).unsqueeze(1)) / CK ** 0.5
+    kk = min(k, Nm)
+    top = aff.topk(min(kk + 1, Nm), dim=-1).values
+    clear = (top[..., kk - 1] - top[..., kk]).abs() > 1e-4 if Nm > kk else torch.ones(B, Nq, dtype=torch.bool)
+    assert clear.float().mean() > 0.5
+    assert_close_rel(out.cpu()[clear], want[clear], 1.0, 1e-4, "readout")
+    assert torch.equal(index.cpu()[clear].sort(-1).values, windex[clear].sort(-1).values), "top-k sets"
+    if bool(clear.all()):
+        assert_close_rel(usage, u_ref, 1.0, 1e-4, "usage")
+
+
+def test_topk_ties_nan(gen, backend):
+    qk = torch.zeros(1, 4, 8, device=DEV)
+    mk = torch.zeros(1, 30, 8, device=DEV)            # every affinity ties at 0
+    mv = randn(gen, 1, 30, 5)
+    out, (index, _) = vk.topk_memory_read(qk, mk, mv, 6, return_topk=True)
+    assert torch.equal(index.cpu().sort(-1).values, torch.arange(6).expand(1, 4, 6)), "ties: lowest indices"
+    mk2 = randn(gen, 1, 30, 8)
+    mk2[0, 17, 3] = float("nan")
+    _, (index2, _) = vk.topk_memory_read(randn(gen, 1, 4, 8), mk2, mv, 6, return_topk=True)
+    assert (index2.cpu() == 17).any(-1).all(), "NaN ranks first"
+
+
+# ----------------------------------------------------------------------------------------
+# GMM prototypes
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(2, 196, 64, 10, 6), (1, 3000, 256, 30, 3), (3, 50, 17, 5, 1)],
+                         ids=lambda s: "B{}-N{}-C{}-K{}-it{}".format(*s))
+@pytest.mark.parametrize("kernel", ["dot", "l2"])
+def test_gmm_em(gen, backend, shape, kernel):
+    B, N, C, K, iters = shape
+    x = randn(gen, B, N, C)
+    mu = torch.nn.functional.normalize(randn(gen, B, K, C), dim=-1)
+    mask = (torch.rand(B, N, generator=gen) > 0.3).float().to(DEV)
+    mask[-1] = 0                                        # an empty mask: means 0, not NaN
+    means, resp = vk.gmm_em(x, mu, iters, 20.0, mask, kernel)
+    wmeans, wresp = R.gmm_em(*cpu64(x, mu), iters, 20.0, mask.cpu().double(), kernel)
+    assert_close_rel(means, wmeans, 1.0, 2e-4, "means")
+    assert_close_rel(resp, wresp, 1.0, 2e-4, "resp")
+
+
+def test_prototype_ops(gen, backend):
+    q = randn(gen, 2, 300, 32)
+    keys = torch.nn.functional.normalize(randn(gen, 2, 20, 32), dim=-1)
+    vals = randn(gen, 2, 20, 48)
+    for kernel in ("dot", "l2"):
+        out = vk.prototype_attention(q, keys, vals, 1.0, kernel)
+        want = R.prototype_attention(*cpu64(q, keys, vals), 1.0, kernel)
+        assert_close_rel(out, want, 1.0, 1e-4, f"prototype_attention {kernel}")
+    resp = torch.softmax(randn(gen, 2, 300, 20), -1)
+    assert_close_rel(vk.prototype_values(vals[:, :1].expand(2, 300, 48).contiguous(), resp),
+                     R.prototype_values(*cpu64(vals[:, :1].expand(2, 300, 48), resp)), 1.0, 1e-4, "prototype_values")
+
+
+# ----------------------------------------------------------------------------------------
+# determinism: bitwise-equal reruns
+# ----------------------------------------------------------------------------------------
+def test_determinism(gen, backend):
+    L = 4
+    q = randn(gen, 2, 30, 33, 32)
+    r = randn(gen, 2, 1, 30, 33, 32)
+    lab = labels(gen, L, 2, 1, 30, 33)
+    bias = torch.tensor([-0.5, 0.3, 0.3, 0.3], device=DEV)
+
+    def run():
+        g = _grads(lambda a, b, c: vk.fb_global_matching(a, b, lab, L, c, 2), q, r, bias)
+        loc = _grads(lambda a, b, c: vk.fb_multi_local_matching(a, b, lab[:, 0], L, [2, 4, 8], c, 2), q, r[:, 0],
+                     bias)
+        fwd = vk.fb_global_matching(q, r, lab, L, bias, 1) + vk.fb_multi_local_matching(q, r[:, 0], lab[:, 0], L,
+                                                                                          [4, 8], bias, 1)
+        usage = torch.zeros(2, 990, device=DEV)
+        top = vk.topk_memory_read(q.reshape(2, -1, 32), r.reshape(2, -1, 32), q.reshape(2, -1, 32), 20,
+                                  usage=usage, usage_mode="weights")
+        em = vk.gmm_em(q.reshape(2, -1, 32), torch.nn.functional.normalize(r[:, 0, 0, :10], dim=-1), 3, 20.0)
+        return [*g, *loc, *fwd, top, usage, *em]
+
+    first, second = run(), run()
+    for i, (a, b) in enumerate(zip(first, second)):
+        assert torch.equal(a, b), f"output {i} differs between two runs on the same inputs"
+
+
+# ----------------------------------------------------------------------------------------
+# opcheck on CUDA (schemas, fake kernels, autograd registration, dispatcher round trips)
+# ----------------------------------------------------------------------------------------
+def test_opcheck_cuda(gen, backend):
+    if backend != BACKENDS[0]:
+        pytest.skip("opcheck tests the registered kernel (the CUDA dispatch key)")
+    L = 3
+    q = randn(gen, 1, 6, 7, 8)
+    r = randn(gen, 1, 1, 6, 7, 8)
+    lab = labels(gen, L, 1, 1, 6, 7)
+    bias = torch.tensor([-0.2, 0.1, 0.1], device=DEV)
+    ops = torch.ops.vos_kernels
+    torch.library.opcheck(ops.labelled_nearest_sqdist, (q, r, lab, L, 2))
+    torch.library.opcheck(ops.fb_global_matching, (q, r, lab, L, bias, 1))
+    torch.library.opcheck(ops.fb_multi_local_matching, (q, r[:, 0], lab[:, 0], L, [1, 2], bias, 1))
+    torch.library.opcheck(ops.topk_memory_read, (q.reshape(1, -1, 8), r.reshape(1, -1, 8), q.reshape(1, -1, 8), 5,
+                                                 0.3, torch.zeros(1, 42, device=DEV), 1),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(ops.gmm_em, (q.reshape(1, -1, 8), r.reshape(1, -1, 8)[:, :4], 2, 5.0, None, 0, True))
+
+
+# ----------------------------------------------------------------------------------------
+# 64-bit indexing: inputs of more than 2^31 elements (about 9 GB each)
+# ----------------------------------------------------------------------------------------
+def _free_bytes():
+    return torch.cuda.mem_get_info()[0] if DEV.type == "cuda" else 0
+
+
+@pytest.mark.slow
+def test_large_global_64bit_offsets(gen, backend):
+    if _free_bytes() < 30 * 2**30:
+        pytest.skip("needs 30 GiB of free GPU memory")
+    C, side = 128, 4100                     # 1·4100·4100·128 = 2.15e9 > 2^31 reference elements
+    q = torch.randn(1, 4, 4, C, device=DEV)
+    r = torch.empty(1, 1, side, side, C, device=DEV).normal_()
+    lab = torch.randint(0, 2, (1, 1, side, side), device=DEV)
+    far = side * side - 3                     # plant an exact copy of a query beyond 2^31 elements
+    r.view(-1, C)[far] = q[0, 1, 2]
+    lab.view(-1)[far] = 1
+    sq, ix = vk.labelled_nearest_sqdist(q, r, lab, 2, 1)
+    assert int(ix[0, 1, 1, 2]) == far and float(sq[0, 1, 1, 2]) <= 1e-3 * float((q[0, 1, 2] ** 2).sum())
+    # every other query: its minimum by a chunked float32 torch computation
+    rf = r.view(-1, C)
+    best = torch.full((16, 2), float("inf"), device=DEV)
+    for s in range(0, rf.shape[0], 1 << 22):
+        d = torch.cdist(q.view(16, C), rf[s:s + (1 << 22)]) ** 2
+        lb = lab.view(-1)[s:s + (1 << 22)]
+        for lv in range(2):
+            best[:, lv] = torch.minimum(best[:, lv], torch.where(lb == lv, d, float("inf")).min(1).values)
+    got = sq[0].permute(1, 2, 0).reshape(16, 2)
+    assert torch.allclose(got, best, rtol=1e-3, atol=1e-2 * C)
+
+
+@pytest.mark.slow
+def test_large_topk_64bit_offsets(gen, backend):
+    if _free_bytes() < 30 * 2**30:
+        pytest.skip("needs 30 GiB of free GPU memory")
+    Nm, CV = 1 << 21, 1024                   # memory values: 2^31 elements
+    qk = torch.randn(1, 16, 64, device=DEV)
+    mk = torch.randn(1, Nm, 64, device=DEV)
+    mv = torch.empty(1, Nm, CV, device=DEV).normal_()
+    mk[0, Nm - 5] = qk[0, 3] * 8               # a dominant entry at the far end
+    out, (index, weight) = vk.topk_memory_read(qk, mk, mv, 20, return_topk=True)
+    assert int(index[0, 3, 0]) == Nm - 5 or (index[0, 3] == Nm - 5).any()
+    aff = (2 * qk[0] @ mk[0].T - (mk[0] ** 2).sum(-1)) / 8.0
+    top = aff.topk(20, dim=-1)
+    w = torch.softmax(top.values, -1)
+    want = torch.einsum("qk,qkc->qc", w, mv[0][top.indices])
+    assert torch.allclose(out[0], want, rtol=1e-3, atol=1e-3)
