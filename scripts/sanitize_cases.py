@@ -83,8 +83,14 @@ def main() -> int:
         vk.gmm_em(randn(2, 100, 16, dtype=torch.float64), randn(2, 5, 16, dtype=torch.float64), 2, 5.0)
         ran.append("gmm_em")
     if "prototype_attention" in ops:
-        vk.prototype_attention(randn(2, 300, 32), randn(2, 20, 32), randn(2, 20, 48), 1.0, "l2")
+        for K in (20, 70):                                           # fast path, and K > 64
+            vk.prototype_attention(randn(2, 300, 32), randn(2, K, 32), randn(2, K, 48), 1.0, "l2")
+        vk.prototype_attention(randn(100, 196, 256), randn(100, 20, 256), randn(100, 20, 256), 1.0, "dot")
         ran.append("prototype_attention")
+    if "prototype_values" in ops:
+        for (B, N, CV, K) in [(3, 196, 256, 20), (1, 20000, 64, 30)]:     # one split, several splits
+            vk.prototype_values(randn(B, N, CV), torch.softmax(randn(B, N, K), -1))
+        ran.append("prototype_values")
     torch.cuda.synchronize()
     print("ran:", ", ".join(ran) or "nothing (no CUDA C++ kernel built)")
     return 0

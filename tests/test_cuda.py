@@ -53,6 +53,13 @@ def backend(request):
     return name
 
 
+def no_f64_triton(backend, dtype):
+    """The Triton matching and top-k kernels take float32/16/bf16 only (float64 on CUDA runs
+    on the CUDA C++ kernels)."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the Triton matching / top-k kernels have no float64 path")
+
+
 def randn(g, *shape, dtype=torch.float32, scale=1.0):
     return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(DEV)
 
@@ -122,6 +129,7 @@ GLOBAL_CASES = [
 @pytest.mark.parametrize("case", GLOBAL_CASES, ids=lambda c: "x".join(map(str, c)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_global_sqdist(gen, backend, case, dtype):
+    no_f64_triton(backend, dtype)
     H, W, T, Hr, Wr, C, L, rate = case
     q = randn(gen, 2, H, W, C, dtype=dtype)
     r = randn(gen, 2, T, Hr, Wr, C, dtype=dtype)
@@ -221,6 +229,7 @@ LOCAL_CASES = [
 @pytest.mark.parametrize("case", LOCAL_CASES, ids=lambda c: f"{c[0]}x{c[1]}-C{c[2]}-L{c[3]}-w{max(c[4])}-r{c[5]}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_local(gen, backend, case, dtype):
+    no_f64_triton(backend, dtype)
     H, W, C, L, windows, rate = case
     q = randn(gen, 2, H, W, C, dtype=dtype)
     p = randn(gen, 2, H, W, C, dtype=dtype)
@@ -259,6 +268,7 @@ def _grads(fn, *inputs):
 
 def test_backward_global_and_local_float64(gen, backend):
     # float64: the argmin pairs equal the oracle's, so the gradients must too
+    no_f64_triton(backend, torch.float64)
     L = 3
     q = randn(gen, 2, 9, 10, 16, dtype=torch.float64)
     r = randn(gen, 2, 1, 8, 11, 16, dtype=torch.float64)
@@ -452,3 +462,24 @@ def test_large_topk_64bit_offsets(gen, backend):
     w = torch.softmax(top.values, -1)
     want = torch.einsum("qk,qkc->qc", w, mv[0][top.indices])
     assert torch.allclose(out[0], want, rtol=1e-3, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------
+# gradcheck in float64 (the CUDA C++ kernels; the Triton matching kernels have no float64)
+# ----------------------------------------------------------------------------------------
+def test_gradcheck_float64(gen, backend):
+    no_f64_triton(backend, torch.float64)
+    L = 3
+    q = randn(gen, 1, 4, 5, 6, dtype=torch.float64).requires_grad_()
+    r = randn(gen, 1, 1, 5, 4, 6, dtype=torch.float64).requires_grad_()
+    lab = labels(gen, L, 1, 1, 5, 4, ignore=False)
+    bias = torch.tensor([-0.3, 0.2, 0.2], dtype=torch.float64, device=DEV, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, c: vk.fb_global_matching(a, b, lab, L, c, 1), (q, r, bias))
+    p = randn(gen, 1, 4, 5, 6, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: vk.fb_multi_local_matching(a, b, lab[:, 0, :4, :4].contiguous(), L, [1, 2], c, 1),
+        (q[:, :4, :4].detach().requires_grad_(), p[:, :4, :4].detach().requires_grad_(), bias))
+    pq = randn(gen, 2, 7, 6, dtype=torch.float64).requires_grad_()
+    pk = randn(gen, 2, 4, 6, dtype=torch.float64).requires_grad_()
+    pv = randn(gen, 2, 4, 5, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b, c: vk.prototype_attention(a, b, c, 0.7, "l2"), (pq, pk, pv))

@@ -35,6 +35,7 @@ def _info() -> int:
         ("triton", triton_version),
         ("operator library", _ops.LIBRARY or f"not loaded ({_ops.LIBRARY_ERROR})"),
         ("backends", ", ".join(vos_kernels.available_backends())),
+        ("CUDA C++ ops", ", ".join(vos_kernels.cuda_cpp_ops()) or "none built (CUDA tensors run Triton)"),
         ("backend chosen", vos_kernels.get_backend()),
         ("cpu threads", str(torch.get_num_threads())),
         ("cuda", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not available"),

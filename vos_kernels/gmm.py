@@ -72,7 +72,7 @@ def gmm_em(x: torch.Tensor, means: torch.Tensor, num_iters: int, kappa: float, m
 
     Args:
         x: ``[B, N, C]`` points (PCAN: RoI or frame features, channels last), float32
-            (float16 / bfloat16 on CUDA, float64 on CPU).
+            (float16 / bfloat16 on CUDA; float64 on CPU and CUDA).
         means: ``[B, K, C]`` initial means, same dtype and device (PCAN: L2-normalised
             random-normal buffers; EMANet: the running ``mu``).
         num_iters: EM iterations, ≥ 1 (PCAN 3 frame-level / 6 instance, EMANet 3).

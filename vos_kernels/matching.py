@@ -60,7 +60,7 @@ def labelled_nearest_sqdist(
     (eq. 8-9) keeps reference pixels whose row and column are multiples of the rate.
 
     Args:
-        query: ``[B,H,W,C]`` float32 (float64 on CPU; float16/bfloat16 on CUDA).
+        query: ``[B,H,W,C]`` float32; float64 (CPU, CUDA C++); float16/bfloat16 (CUDA).
         reference: ``[B,T,Hr,Wr,C]`` (several reference frames) or ``[B,Hr,Wr,C]``.
         reference_labels: ``[B,T,Hr,Wr]`` (or ``[B,Hr,Wr]``) int64/int32; -1 = ignore,
             0 = background, 1..L-1 = objects.
@@ -177,7 +177,7 @@ def fb_instance_pooling(embedding: torch.Tensor, labels: torch.Tensor, num_label
     in neither.
 
     Args:
-        embedding: ``[B,H,W,C]`` float32 (float64 on CPU; float16/bfloat16 on CUDA).
+        embedding: ``[B,H,W,C]`` float32; float64 (CPU, CUDA C++); float16/bfloat16 (CUDA).
         labels: ``[B,H,W]`` int64/int32.
         num_labels: L.
 

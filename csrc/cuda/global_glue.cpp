@@ -56,12 +56,16 @@ GlobalInputs prepare_global(const Tensor& query, const Tensor& reference, const 
   TORCH_CHECK(T * Hr * Wr < kInt32Max, "vos_kernels::", op, ": T*Hr*Wr = ", T * Hr * Wr,
               " reference pixels exceed the int32 range of the kernel");
   TORCH_CHECK(C < kInt32Max / 8, "vos_kernels::", op, ": too many channels: ", C);
-  at::ScalarType st = query.scalar_type();
-  if (reference.scalar_type() != st) st = at::promote_types(st, reference.scalar_type());
+  // as the CPU op: one dtype for both (the output dtype follows the query, see _ops.py)
+  TORCH_CHECK(reference.scalar_type() == query.scalar_type(), "vos_kernels::", op,
+              ": query and reference dtypes differ (", query.scalar_type(), " vs ", reference.scalar_type(), ")");
+  const at::ScalarType st = query.scalar_type();
   GlobalInputs in;
   in.q = query.to(st).contiguous();
   in.r = reference.to(st).contiguous();
-  in.lab = labels.to(at::kInt).contiguous();
+  // clamp before the int32 cast: an int64 label of 2^32 would wrap to 0 (a real label);
+  // out-of-range labels are ignored by the kernels (the Python API rejects them)
+  in.lab = labels.clamp(-1, L).to(at::kInt).contiguous();
   in.s = GlobalMatchingShape{B, H * W, T, Hr, Wr, C, L, rate};
   in.dtype = dtype_of(in.q, op, "query");
   return in;

@@ -289,7 +289,10 @@ template <bool kIEEE, bool kRound>
 __device__ __forceinline__ void to_tf32(float x, uint32_t& hi, uint32_t& lo) {
   if (kIEEE) {
     hi = f2tf32(x);
-    lo = f2tf32(x - __uint_as_float(hi));
+    // x = ±inf: x - hi is inf - inf = NaN, which would turn an inf distance (the CPU's
+    // answer) into NaN; the remainder of a non-finite x is 0.
+    const float r = x - __uint_as_float(hi);
+    lo = f2tf32(r == r ? r : 0.f);
   } else {
     hi = kRound ? f2tf32(x) : __float_as_uint(x);
     lo = 0;

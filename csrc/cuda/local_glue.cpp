@@ -70,7 +70,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fb_multi_local_matching_cuda(
 
   const at::Tensor q = query.contiguous();
   const at::Tensor p = previous.contiguous();
-  const at::Tensor lab = previous_labels.to(at::kInt).contiguous();
+  // clamp before the int32 cast: an int64 label of 2^32 would wrap to 0 (a real label);
+  // out-of-range labels are ignored by the kernels (the Python API rejects them)
+  const at::Tensor lab = previous_labels.clamp(-1, num_labels).to(at::kInt).contiguous();
   const at::Tensor b = bias.to(query.device(), ot).contiguous();
   std::vector<int32_t> wv(windows.begin(), windows.end());
   const at::Tensor wt =
@@ -107,7 +109,9 @@ at::Tensor fb_instance_pooling_cuda(const at::Tensor& embedding, const at::Tenso
   at::Tensor out = at::empty({B, num_labels, 2, C}, embedding.options().dtype(out_dtype(embedding)));
   if (out.numel() == 0) return out;
   const at::Tensor e = embedding.contiguous();
-  const at::Tensor lab = labels.to(at::kInt).contiguous();
+  // clamp before the int32 cast: an int64 label of 2^32 would wrap to 0 (a real label);
+  // out-of-range labels are ignored by the kernels (the Python API rejects them)
+  const at::Tensor lab = labels.clamp(-1, num_labels).to(at::kInt).contiguous();
   const int64_t ws_bytes = fb_instance_pooling_workspace_bytes(B, H, W, C, num_labels);
   at::Tensor ws = at::empty({ws_bytes > 0 ? ws_bytes : 1}, embedding.options().dtype(at::kByte));
   const int code = fb_instance_pooling_forward(dt, e.data_ptr(), lab.data_ptr<int32_t>(), B, H,

@@ -46,11 +46,12 @@
 //     pair-ch (DX 5, ND 2: +4% padded offset rows) -> 1.07 G instr: 32 us at peak; expected
 //     ~70-90 us (~40-50% of peak: ~14 LDS per 80 FP instr, staging not overlapped with math,
 //     240 blocks of 160 threads). 145x261: x1.47 -> ~110-130 us.
-//   CFBI+ s8 60x107, C=64, windows 2..12, r=1: 6.4k x 169 x 64 (DX 7: 14/13, ND 7: 14/13)
-//     -> 0.16 G instr: 5 us at peak, expected ~15-20 us (only 60 blocks: under-filled GPU).
-//   CFBI+ s16 30x54, C=128, windows 2..10: 1.6k x 121 x 128 -> 0.05 G instr: ~10 us
-//     (latency / occupancy bound: ~16 blocks).
-//   CFBI s8 downsampled 61x108, C=100, windows 2..12: 6.6k x 169 x 100 -> ~20 us.
+//   CFBI+ s8 60x107, C=64, windows 2..12, r=1: 6.4k x 625 (25x25) x 64 (DX 5, ND 2)
+//     -> 0.51 G instr: 15 us at peak, expected ~35-45 us (only 60 blocks: under-filled GPU).
+//   CFBI+ s16 30x54, C=128, windows 2..10: 1.6k x 441 x 128 -> 0.18 G instr: 5.5 us at peak,
+//     ~15-20 us (latency / occupancy bound: ~16 blocks).
+//   CFBI s8 downsampled 61x108, C=100, windows 2..12: 6.6k x 625 x 100 -> 0.82 G instr:
+//     25 us at peak, ~50-60 us.
 //   DRAM: q + prev + labels + outputs (3 x L x K x HW x 4-8 B) ~ 10 MB at s4: ~3 us, so the
 //   op is FP-instruction bound; the strip re-reads (~(4+2Rc)/4 x per tile) come from L2.
 //
@@ -102,6 +103,9 @@ __device__ __forceinline__ bool less_nan_first(T a, T b) {
 
 __device__ __forceinline__ unsigned long long make_key(float d, unsigned int id) {
   if (!(d > 0.0f)) d = (d != d) ? d : 0.0f;  // clamp at +0, keep NaN
+  // d = +inf never improves the CPU/Triton running minimum (strict '<' from +inf): such a
+  // candidate is no match at all (fg = 1, index = -1), i.e. the empty key.
+  if (d == __int_as_float(0x7f800000)) return ~0ull;
   const unsigned int hi = (d != d) ? 0u : __float_as_uint(d) + 1u;
   return (static_cast<unsigned long long>(hi) << 32) | id;
 }
@@ -541,7 +545,9 @@ int local_forward_f32(const Tin* q, const Tin* prev, const int32_t* lab, const i
   FastPlan plan{};
   int device = 0;
   VOS_CUDA_TRY(cudaGetDevice(&device));
+  // rate < 2^30 too: the kernel keeps the rate in an int (a larger rate would truncate).
   const bool fits = C >= 1 && H < (int64_t(1) << 30) && W < (int64_t(1) << 30) && C < (int64_t(1) << 30) &&
+                    rate < (int64_t(1) << 30) &&
                     R <= 4096 && plan_fast(C, L, K, static_cast<int>(R), max_dynamic_smem(device), &plan);
   if (!fits)
     return launch_simple<Tin, float>(q, prev, lab, windows, bias, B, H, W, C, L, K, rate, fg, bg, idx,
