@@ -69,3 +69,20 @@ def test_oracle_in_pieces_equals_whole(monkeypatch):
         for a, b in zip(whole, pieces):
             assert a.dtype == b.dtype == torch.float64
             torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_several_fused_backends(tmp_path):
+    """--backends cpu,triton times the Triton kernels (interpreter here) beside the C++ ones
+    on the same inputs, with their own error against the oracle, in the table too."""
+    assert vb.main(["--quick", "--cases", "global/quick-a2-x1", "--out", str(tmp_path), "--repeats", "1",
+                    "--no-memory", "--backends", "cpu,triton"]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["settings"]["backends"] == ["cpu", "triton"]
+    (case,) = res["cases"]
+    assert case["fused"]["backend"] == "cpu"
+    alt = case["alternatives"]["triton"]
+    assert alt["status"] == "ok" and alt["backend"] == "triton" and alt["speedup"] > 0
+    assert 0 <= alt["max_abs_error"]["max"] < 1e-4
+    table = (tmp_path / "results.md").read_text()
+    assert "Fused backend: cpu." in table and "| triton ms (speedup) | triton max error |" in table
+    assert vb.main(["--quick", "--out", str(tmp_path), "--backends", "reference"]) == 2

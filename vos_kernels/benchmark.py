@@ -933,7 +933,8 @@ def markdown(results: dict) -> str:
     cuda = env["device"] == "cuda"
     first = results["cases"][0]["fused"].get("backend", "fused") if results["cases"] else "fused"
     head_alt = "".join(f" | {b} ms (speedup) | {b} max error" for b in alt_names)
-    rows = [f"| case | sizes | fused ({first}) ms | reference ms | speedup | fused extra MiB | reference extra MiB "
+    head += f" Fused backend: {first}."
+    rows = ["| case | sizes | fused ms | reference ms | speedup | fused extra MiB | reference extra MiB "
             "| memory ratio % | max error" + (" | fused GFLOP/s | % TF32 mm | % fp32 mm | % copy" if cuda else "")
             + head_alt + " |",
             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---:" + (" | ---: | ---: | ---: | ---:" if cuda else "")
