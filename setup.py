@@ -58,7 +58,7 @@ setup(
     packages=["vos_kernels", "vos_kernels.triton", "vos_kernels.compat", "vos_models"],
     package_dir={"vos_models": "models"},
     # the embedded default clip of `vos-kernels segment` (PUMaVOS `chair`, CC BY 4.0)
-    package_data={"vos_kernels": ["data/chair/ATTRIBUTION.md", "data/chair/JPEGImages/*.jpg",
+    package_data={"vos_kernels": ["data/auto_cuda.json", "data/chair/ATTRIBUTION.md", "data/chair/JPEGImages/*.jpg",
                                   "data/chair/Annotations/*.png"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},

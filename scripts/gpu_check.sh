@@ -9,7 +9,8 @@
 # folder, to be committed as benchmarks/results/<device>/:
 #   env.txt, build.log (with nvcc's register / shared-memory report), tests.log, junit.xml,
 #   sanitizer-memcheck.log, sanitizer-racecheck.log, bench/{results.json,results.md,
-#   speedup_memory.png}, segment/, summary.md (each step's status and minutes).
+#   speedup_memory.png}, auto_cuda.json (scripts/auto_table.py: the backend "auto" should
+#   pick per op on this device), segment/, summary.md (each step's status and minutes).
 # A step that fails is recorded and the run goes on; the exit status is 1 if any failed.
 # Budget: about 25 minutes on an H100 for the default run (each step has its own limit).
 #
@@ -137,6 +138,10 @@ if [ "$bench" = 1 ]; then
   [ "$quick" = 1 ] && args+=(--quick)
   [ -n "$cases" ] && args+=(--cases "$cases")
   step bench 900 bench.log "$PY" -m vos_kernels.benchmark "${args[@]}"
+  # what "auto" should run per op on this device (copy into vos_kernels/data/auto_cuda.json
+  # with --merge after reading the evidence)
+  [ -f "$out/bench/results.json" ] && step auto-table 60 auto_table.log \
+    "$PY" scripts/auto_table.py "$out/bench/results.json" --out "$out/auto_cuda.json"
 fi
 
 if [ "$segment" = 1 ]; then

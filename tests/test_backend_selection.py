@@ -56,3 +56,45 @@ def test_cuda_ops_cover_every_op_with_a_triton_kernel():
         assert hasattr(tk, name), f"{name} has no Triton entry point"
     if not torch.cuda.is_available():
         assert vk.cuda_cpp_ops() == []          # a CPU build of torch never compiles csrc/cuda
+
+
+def test_auto_reads_the_per_device_table(built, monkeypatch):
+    monkeypatch.setattr(_backend, "AUTO_CUDA", {})
+    monkeypatch.setattr(_backend, "AUTO_CUDA_BY_DEVICE", {"NVIDIA H100 80GB HBM3": {"fb_global_matching": "triton"}})
+    monkeypatch.setattr(_backend, "_device_names", {0: "NVIDIA H100 80GB HBM3", 1: "NVIDIA H200"})
+    vk.set_backend("auto")
+    assert _backend.resolve(torch.device("cuda", 0), "fb_global_matching") == "triton"
+    assert _backend.resolve(torch.device("cuda", 1), "fb_global_matching") == "cuda"   # device not measured
+    assert _backend.resolve(torch.device("cuda", 0), "topk_memory_read") == "cuda"      # op not listed
+    with open(_backend._AUTO_FILE) as f:
+        import json
+        assert "devices" in json.load(f)
+
+
+def test_auto_table_from_benchmark_results(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def case(op, cuda_ms, triton_ms):
+        return dict(op=op, fused=dict(backend="cuda", time=dict(median_ms=cuda_ms)),
+                    alternatives=dict(triton=dict(time=dict(median_ms=triton_ms))))
+
+    results = dict(environment=dict(device="cuda", device_name="NVIDIA H100 80GB HBM3", git_commit="abc"),
+                   cases=[case("global", 1.0, 3.0), case("global", 2.0, 1.0), case("local", 1.0, 0.5),
+                          case("topk", 1.0, 1.5), dict(op="em", fused=dict(backend="cuda", status="error"),
+                                                       alternatives={})])
+    src = tmp_path / "results.json"
+    src.write_text(json.dumps(results))
+    merged = tmp_path / "auto.json"
+    merged.write_text(json.dumps({"schema": 1, "devices": {"other": {"gmm_em": "triton"}}}))
+    script = Path(__file__).resolve().parents[1] / "scripts" / "auto_table.py"
+    out = subprocess.run([sys.executable, str(script), str(src), "--out", str(tmp_path / "e.json"),
+                          "--merge", str(merged)], capture_output=True, text=True, check=True).stdout
+    assert "| global | 2 |" in out
+    devices = json.loads(merged.read_text())["devices"]
+    assert devices["other"] == {"gmm_em": "triton"}
+    # global: geometric mean of triton/cuda = sqrt(3 * 0.5) > 1 -> cuda; local 0.5 -> triton
+    assert devices["NVIDIA H100 80GB HBM3"] == {"labelled_nearest_sqdist": "cuda", "fb_global_matching": "cuda",
+                                                "fb_multi_local_matching": "triton", "topk_memory_read": "cuda"}

@@ -385,8 +385,10 @@ def test_determinism(gen, backend):
         usage = torch.zeros(2, 990, device=DEV)
         top = vk.topk_memory_read(q.reshape(2, -1, 32), r.reshape(2, -1, 32), q.reshape(2, -1, 32), 20,
                                   usage=usage, usage_mode="weights")
+        top_grads = _grads(lambda a, b, c: (vk.topk_memory_read(a, b, c, 20),), q.reshape(2, -1, 32),
+                           r.reshape(2, -1, 32), r.reshape(2, -1, 32) * 0.5)
         em = vk.gmm_em(q.reshape(2, -1, 32), torch.nn.functional.normalize(r[:, 0, 0, :10], dim=-1), 3, 20.0)
-        return [*g, *loc, *fwd, top, usage, *em]
+        return [*g, *loc, *fwd, top, usage, *top_grads, *em]
 
     first, second = run(), run()
     for i, (a, b) in enumerate(zip(first, second)):

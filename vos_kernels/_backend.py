@@ -10,12 +10,14 @@ On CUDA tensors an op runs the kernel registered at its CUDA dispatch key: the C
 kernel where one is written and built (``cuda_cpp_ops()``), the Triton kernel otherwise.
 Backend ``"cuda"`` runs that registered kernel (so an op without a CUDA C++ kernel runs
 Triton); backend ``"triton"`` calls the Triton kernel from Python, with the op's
-autograd, also for ops that hold a CUDA C++ kernel. ``"auto"`` follows ``AUTO_CUDA``,
-the per-op choice measured on an H100 by ``scripts/gpu_check.sh``.
+autograd, also for ops that hold a CUDA C++ kernel. ``"auto"`` follows the per-device,
+per-op choice measured by ``scripts/gpu_check.sh`` (``vos_kernels/data/auto_cuda.json``,
+see :func:`auto_choice`).
 """
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import warnings
 
@@ -27,10 +29,38 @@ BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
 
 _state = {"backend": "auto"}
 
-# "auto" on CUDA tensors, per op that holds both kernels: the faster one as measured by
-# scripts/gpu_check.sh (benchmarks/results/<device>/). An op not listed runs its CUDA C++
-# kernel when built. Empty until the first GPU measurement of the CUDA C++ kernels.
+# "auto" on CUDA tensors, per op that holds both kernels: the faster one on that device as
+# measured by scripts/gpu_check.sh (scripts/auto_table.py turns its benchmark results into
+# vos_kernels/data/auto_cuda.json: {"devices": {device name: {op: "cuda" | "triton"}}}).
+# An op or device not listed runs the CUDA C++ kernel. AUTO_CUDA overrides the file for
+# every device (tests, or a user who measured their own).
 AUTO_CUDA: dict[str, str] = {}
+_AUTO_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "auto_cuda.json")
+_device_names: dict[int, str] = {}
+
+
+def _auto_table() -> dict[str, dict[str, str]]:
+    try:
+        with open(_AUTO_FILE) as f:
+            devices = json.load(f).get("devices", {})
+    except (OSError, ValueError):
+        return {}
+    return {name: {op: b for op, b in ops.items() if b in ("cuda", "triton")} for name, ops in devices.items()}
+
+
+AUTO_CUDA_BY_DEVICE = _auto_table()
+
+
+def auto_choice(op: str | None, device: torch.device) -> str:
+    """``"cuda"`` or ``"triton"``: what ``"auto"`` runs for ``op`` on this CUDA device."""
+    if op in AUTO_CUDA:
+        return AUTO_CUDA[op]
+    if not AUTO_CUDA_BY_DEVICE:
+        return "cuda"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _device_names:
+        _device_names[index] = torch.cuda.get_device_name(index)
+    return AUTO_CUDA_BY_DEVICE.get(_device_names[index], {}).get(op, "cuda")
 
 
 def _library_loaded() -> bool:
@@ -130,7 +160,7 @@ def resolve(device: torch.device, op: str | None = None) -> str:
                 raise ValueError("backend: 'cuda' requested but the CUDA C++ kernels are not built in this install")
             return "cuda"
         if name == "auto" and _has_cuda_cpp():
-            choice = AUTO_CUDA.get(op, "cuda") if op in _ops.CUDA_CPP_OPS else "cuda"
+            choice = auto_choice(op, device) if op in _ops.CUDA_CPP_OPS else "cuda"
             if choice == "cuda" or _triton_importable():
                 return choice
             return "cuda"

@@ -174,10 +174,28 @@ def _pooling_backward(ctx, grad_out):
     return grad.reshape(B, H, W, C).to(ctx.emb_dtype), None, None
 
 
+def rows_sum(flat, contrib, num_rows, deterministic=None):
+    """``zeros(num_rows, C).index_add_(0, flat, contrib)``, bitwise reproducible on CUDA.
+
+    CPU: ``index_add_`` (sequential, deterministic). CUDA (or ``deterministic=True``): a stable
+    sort of the rows by destination and an in-order sum per destination
+    (``torch.segment_reduce``), where ``index_add_`` would add with float atomics in
+    whatever order the threads arrive.
+    """
+    if deterministic is None:
+        deterministic = contrib.is_cuda
+    if not deterministic:
+        return torch.zeros(num_rows, contrib.shape[1], dtype=contrib.dtype,
+                           device=contrib.device).index_add_(0, flat, contrib)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_rows)
+    return torch.segment_reduce(contrib.index_select(0, order), "sum", lengths=counts, axis=0, unsafe=True)
+
+
 def topk_read_backward(grad_out, grad_weight, query_key, memory_key, memory_value, index, weight, scale):
     """Gradients of the top-k memory read through the k' selected entries (the selection
     itself is piecewise constant). All tensors are k-sparse gathers: memory O(Nq·k'·C),
-    never Nm × Nq.
+    never Nm × Nq; the scatters to memory entries are deterministic (:func:`rows_sum`).
 
     readout[q] = Σ_j w_qj v[i_qj];  w = softmax_j(s_qj);  s_qj = (2 m_i·q − ‖m_i‖²)·scale.
     """
@@ -193,12 +211,12 @@ def topk_read_backward(grad_out, grad_weight, query_key, memory_key, memory_valu
         v_sel = mv.index_select(0, flat).view(B, Nq, K, -1)
         gw = gw + torch.einsum("bqc,bqkc->bqk", g, v_sel)
         contrib = (weight.unsqueeze(-1) * g.unsqueeze(2)).reshape(B * Nq * K, -1)
-        grad_v = torch.zeros_like(mv).index_add_(0, flat, contrib).view_as(memory_value)
+        grad_v = rows_sum(flat, contrib, B * Nm).view_as(memory_value)
     gs = weight * (gw - (weight * gw).sum(-1, keepdim=True))          # softmax backward
     m_sel = mk.index_select(0, flat).view(B, Nq, K, -1)
     grad_q = torch.einsum("bqk,bqkc->bqc", gs, m_sel) * (2 * scale)
     contrib = (gs.unsqueeze(-1) * (2 * scale) * (query_key.unsqueeze(2) - m_sel)).reshape(B * Nq * K, -1)
-    grad_m = torch.zeros_like(mk).index_add_(0, flat, contrib).view_as(memory_key)
+    grad_m = rows_sum(flat, contrib, B * Nm).view_as(memory_key)
     return grad_q, grad_m, grad_v
 
 
