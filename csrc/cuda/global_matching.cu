@@ -66,6 +66,7 @@
 #include <type_traits>
 
 #include "cuda/common.cuh"
+#include "cuda/fb_state.cuh"
 #include "cuda/global_matching.h"
 
 namespace vos {
@@ -95,44 +96,9 @@ __device__ __forceinline__ bool improves(T d, T best) {
   return d < best || (d != d && best == best);
 }
 
-// fb ordering of the CPU epilogue: NaN first, then by value (ties keep the earlier label).
-template <typename T>
-__device__ __forceinline__ bool fg_less(T a, T c) {
-  const bool na = a != a, nc = c != c;
-  if (na != nc) return na;
-  return !na && a < c;
-}
-
 __device__ __forceinline__ float fg_transform(float d, float b) { return tanhf((d + b) * 0.5f); }
 __device__ __forceinline__ double fg_transform(double d, double b) { return tanh((d + b) / 2.0); }
 
-// Best and second-best fg of one query row over the labels seen so far.
-template <typename T>
-struct FbState {
-  T vb, vs;
-  int lb, ls;
-  __device__ __forceinline__ void init() {
-    vb = T(1);
-    vs = T(1);
-    lb = -1;
-    ls = -1;
-  }
-  __device__ __forceinline__ void add(T v, int l) {
-    if (lb < 0 || fg_less(v, vb)) {
-      vs = vb;
-      ls = lb;
-      vb = v;
-      lb = l;
-    } else if (ls < 0 || fg_less(v, vs)) {
-      vs = v;
-      ls = l;
-    }
-  }
-  __device__ __forceinline__ T bg(int l) const {
-    if (l == lb) return ls < 0 ? T(1) : vs;
-    return vb;
-  }
-};
 
 // ---------------------------------------------------------------------------------
 // Pre-pass: stable bucketing of the labelled atrous-grid reference pixels by label.

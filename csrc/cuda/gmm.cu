@@ -48,14 +48,44 @@
 //   EMANet (B 16, N 8 192, C 512, K 64, 3 it): 2·2·B·N·C·64 = 17.2 GFLOP per iteration →
 //     ~260 µs at FFMA peak, ~350 µs real; memory (268 MB x) ~90 µs: FFMA-bound. A TF32
 //     tensor-core version (mma.sync m16n8k8, 3xTF32 for "highest") would be the next step.
+//
+// Tensor-core path (em_kernel<KB, Tin, float, PREC ≥ 0>; float32 / float16 / bfloat16 with K ≥ 8,
+// C ≥ 32, N ≥ 64, sm_80+; float64 and smaller shapes keep the FFMA kernel above)
+// ------------------------------------------------------------------------------
+// Same plan, staging, softmax, mask, workspace partials and fixed-order finalize; only the two
+// products change, to mma.sync.m16n8k8 TF32 (fp32 accumulate), fragments read straight from
+// the shared tiles (A row-major a0 (g,t) a1 (g+8,t) a2 (g,t+4) a3 (g+8,t+4), B b0 (k t, n g)
+// b1 (k t+4, n g), g = lane/4, t = lane%4):
+//   E: logits [128 rows][KB] = x slab [128][36] · μ slab [KB][36]ᵀ per 32 channels; warps
+//     WM × WN (8×1 for KB 16, 4×2 for 32/64), warp tile (EMT·16 rows) × (ENT·8 means); row
+//     stride 36 ≡ 4 (mod 32): 4g + t hits 32 banks. Epilogue as the FFMA kernel.
+//   M: per KB block and slab of CW = 256 (KB 16/32) or 128 (KB 64) channels, every warp all
+//     KB means × CW/8 channels; A = zᵀ read from Z (zst = kpad + 8 ≡ 8 or 24 mod 32, so the
+//     (row t, mean g) reads hit 32 banks), B = x staged [RT = 4096/CW rows][CW + 8]; Σ z by
+//     threads tid < KB, rows in order. Each partial element is owned by one lane: no atomics.
+//   Precision: matmul_precision() kIEEE → hi = cvt.rna.tf32(v), lo = cvt.rna(v − hi) (0 when
+//     not finite), lo·hi + hi·lo + hi·hi into one fp32 accumulator (3 mma; half/bf16 x is exact
+//     in TF32, so x is neither rounded nor split and 2 mma remain); kTF32 → 1 mma.
+//   Resources (ptxas sm_90): 176–210 registers, 0 spills; __launch_bounds__(256, 1) (the
+//     (256, 2) bound spilled 40–150 B), smem as the FFMA plan (Z stride + 4 floats).
+// Prediction, H100 SXM, float32 x, per EM iteration:
+//   EMANet (16·8192·512, K 64): 17.2 GFLOP; 3xTF32 = 51.5 GFLOP of mma at ~50–60 % of 495
+//     (mma.sync, fragment splits on the FP32/ALU pipes, 8 warps per SM) → ~190 µs; x 268 MB
+//     read by E and M (M mostly from L2: sub-chunk 512 KB per block) → 90–180 µs. Expected
+//     ~200 µs/it (before ~350 µs FFMA); kTF32: ~100 µs/it (memory / latency bound).
+//   PCAN frame P2 (60 352·256, K 30 → 32): 2·2·N·C·32 = 1.98 GFLOP, 3xTF32 5.9 GFLOP → ~20 µs
+//     of mma; x 61.8 MB → ~21 µs HBM: expected ~30 µs/it (before ~45 µs), kTF32 ~25 µs.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <type_traits>
 
 #include "cuda/common.cuh"
+#include "cuda/load.cuh"
 #include "cuda/gmm.h"
 
 namespace vos {
@@ -79,29 +109,6 @@ struct Cfg {
   static_assert((KB / 4) * CQ == kThreads, "M-step thread tile");
 };
 
-__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-__device__ __forceinline__ void ld4(const float* p, float (&v)[4]) {
-  const float4 t = *reinterpret_cast<const float4*>(p);
-  v[0] = t.x;
-  v[1] = t.y;
-  v[2] = t.z;
-  v[3] = t.w;
-}
-__device__ __forceinline__ void ld4(const double* p, double (&v)[4]) {
-  const double2 a = *reinterpret_cast<const double2*>(p);
-  const double2 b = *reinterpret_cast<const double2*>(p + 2);
-  v[0] = a.x;
-  v[1] = a.y;
-  v[2] = b.x;
-  v[3] = b.y;
-}
-
 template <typename Tin, typename T>
 struct EmArgs {
   const Tin* x;     // [B, N, C]
@@ -118,24 +125,20 @@ struct EmArgs {
   int64_t it0, iters, num_iters;
 };
 
-// Logits of one E tile (rows t0 … t0+127, valid below s1) against means kb·KB …: Z rows
-// (t0 − s0 …), columns k < K.
-template <int KB, typename Tin, typename T>
-__device__ __forceinline__ void e_logits(const EmArgs<Tin, T>& a, const Tin* xb, const T* mub, T* stage, const T* hs,
-                                         T* Zt, int64_t t0, int64_t s1, int64_t kb) {
+// Register-prefetched staging of the E slabs (32 channels each), shared by e_logits and
+// e_logits_tc. This thread's slab elements: x rows t0 + (tid >> 5) + 8i (i < 16, valid below
+// s1) and means kb·KB + (tid >> 5) + 8j (j < TK, valid below K), channel c0 + (tid & 31) (valid
+// below C), 0 elsewhere; stored to xs [128][kXS] and ms [KB][kXS] (stage, stage + kStageE).
+// Per slab: __syncthreads (everyone is done with the previous slab), store, __syncthreads,
+// prefetch of the next slab into registers, then body(xs, ms).
+template <int KB, typename Tin, typename T, typename Body>
+__device__ __forceinline__ void e_slabs(const Tin* xb, const T* mub, T* stage, int64_t C, int64_t K, int64_t t0,
+                                        int64_t s1, int64_t kb, Body&& body) {
   constexpr int TK = Cfg<KB>::TK;
   const int tid = threadIdx.x;
-  const int kg = tid & 7, rg = tid >> 3;
-  const int64_t C = a.C, K = a.K;
   T* xs = stage;
   T* ms = stage + kStageE;
-  T acc[4][TK];
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int j = 0; j < TK; ++j) acc[i][j] = T(0);
   T xr[16], mr[TK];
-  // slab elements of this thread: rows t0 + (tid >> 5) + 8i, channel c0 + (tid & 31)
   const int64_t r_first = t0 + (tid >> 5);
   const int nrow_ok = r_first < s1 ? static_cast<int>(min64(16, (s1 - r_first + 7) / 8)) : 0;
   const Tin* xp = xb + r_first * C + (tid & 31);
@@ -174,6 +177,65 @@ __device__ __forceinline__ void e_logits(const EmArgs<Tin, T>& a, const Tin* xb,
     }
     __syncthreads();
     if (s + 1 < nslab) load((s + 1) * kCS);
+    body(static_cast<const T*>(xs), static_cast<const T*>(ms));
+  }
+}
+
+// Register-prefetched staging of the M-step's x tiles, shared by m_step and m_step_tc: tile rt
+// holds rows s0 + rt·RT … (valid below s1) × channels c0 … c0 + CW − 1 (valid below C), stored
+// [RT rows][XST] at stage. This thread's elements: rows s0 + rt·RT + tid / CW + RSTEP·i (i < 16,
+// RSTEP = 256 / CW), channel c0 + tid % CW. Per tile: __syncthreads, store, __syncthreads,
+// prefetch of the next tile into registers, then body(rt).
+template <int CW, int RT, int XST, typename Tin, typename T, typename Body>
+__device__ __forceinline__ void m_tiles(const Tin* xb, T* stage, int64_t C, int64_t s0, int64_t s1, int64_t c0,
+                                        Body&& body) {
+  constexpr int RSTEP = kThreads / CW;
+  static_assert(RT * CW == 16 * kThreads, "16 staged elements per thread");
+  const int tid = threadIdx.x;
+  const int64_t nrt = (s1 - s0 + RT - 1) / RT;
+  T xr[16];
+  const bool c_ok = c0 + tid % CW < C;
+  const Tin* xp = xb + (s0 + tid / CW) * C + c0 + tid % CW;
+  auto load = [&](int64_t rt) {
+    const int64_t r_first = s0 + rt * RT + tid / CW;
+    const int nrow_ok = r_first < s1 ? static_cast<int>(min64(16, (s1 - r_first + RSTEP - 1) / RSTEP)) : 0;
+    const Tin* xq = xp + rt * RT * C;
+    const int64_t step = RSTEP * C;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      xr[i] = (c_ok && i < nrow_ok) ? T(to_acc(*xq)) : T(0);
+      xq += step;
+    }
+  };
+  load(0);
+  for (int64_t rt = 0; rt < nrt; ++rt) {
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      const int e = tid + kThreads * i;
+      stage[(e / CW) * XST + e % CW] = xr[i];
+    }
+    __syncthreads();
+    if (rt + 1 < nrt) load(rt + 1);
+    body(rt);
+  }
+}
+
+// Logits of one E tile (rows t0 … t0+127, valid below s1) against means kb·KB …: Z rows
+// (t0 − s0 …), columns k < K.
+template <int KB, typename Tin, typename T>
+__device__ __forceinline__ void e_logits(const EmArgs<Tin, T>& a, const Tin* xb, const T* mub, T* stage, const T* hs,
+                                         T* Zt, int64_t t0, int64_t s1, int64_t kb) {
+  constexpr int TK = Cfg<KB>::TK;
+  const int tid = threadIdx.x;
+  const int kg = tid & 7, rg = tid >> 3;
+  const int64_t C = a.C, K = a.K;
+  T acc[4][TK];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < TK; ++j) acc[i][j] = T(0);
+  e_slabs<KB>(xb, mub, stage, C, K, t0, s1, kb, [&](const T* xs, const T* ms) {
 #pragma unroll 1
     for (int c = 0; c < kCS; c += 4) {
       T xv[4][4];
@@ -189,7 +251,7 @@ __device__ __forceinline__ void e_logits(const EmArgs<Tin, T>& a, const Tin* xb,
           for (int q = 0; q < 4; ++q) acc[i][j] += xv[i][q] * mv[q];
       }
     }
-  }
+  });
   const bool l2 = a.kernel == 1;
 #pragma unroll
   for (int j = 0; j < TK; ++j) {
@@ -255,8 +317,6 @@ __device__ __forceinline__ void m_step(const EmArgs<Tin, T>& a, const Tin* xb, T
   const int tid = threadIdx.x;
   const int cg = tid % CQ, kq = tid / CQ;
   const int64_t C = a.C, K = a.K;
-  const int64_t nrt = (s1 - s0 + RT - 1) / RT;
-  T xr[16];
   for (int64_t kb = 0; kb * KB < a.kpad; ++kb) {
     for (int64_t c0 = 0; c0 < C; c0 += CW) {
       const bool want_s = c0 == 0 && cg == 0;
@@ -267,31 +327,7 @@ __device__ __forceinline__ void m_step(const EmArgs<Tin, T>& a, const Tin* xb, T
 #pragma unroll
         for (int p = 0; p < 4; ++p) acc[q][p] = T(0);
       }
-      // staging elements of this thread: rows s0 + rt·RT + tid / CW + (256 / CW)·i, channel c0 + tid % CW
-      constexpr int RSTEP = kThreads / CW;
-      const bool c_ok = c0 + tid % CW < C;
-      const Tin* xp = xb + (s0 + tid / CW) * C + c0 + tid % CW;
-      auto load = [&](int64_t rt) {
-        const int64_t r_first = s0 + rt * RT + tid / CW;
-        const int nrow_ok = r_first < s1 ? static_cast<int>(min64(16, (s1 - r_first + RSTEP - 1) / RSTEP)) : 0;
-        const Tin* xq = xp + rt * RT * C;
-        const int64_t step = RSTEP * C;
-#pragma unroll
-        for (int i = 0; i < 16; ++i) {
-          xr[i] = (c_ok && i < nrow_ok) ? T(to_acc(*xq)) : T(0);
-          xq += step;
-        }
-      };
-      load(0);
-      for (int64_t rt = 0; rt < nrt; ++rt) {
-        __syncthreads();
-#pragma unroll
-        for (int i = 0; i < 16; ++i) {
-          const int e = tid + kThreads * i;
-          stage[(e / CW) * XST + e % CW] = xr[i];
-        }
-        __syncthreads();
-        if (rt + 1 < nrt) load(rt + 1);
+      m_tiles<CW, RT, XST>(xb, stage, C, s0, s1, c0, [&](int64_t rt) {
         const T* zrow = Z + (rt * RT) * a.zst + kb * KB + kq * 4;
 #pragma unroll 2
         for (int r = 0; r < RT; ++r) {
@@ -305,7 +341,7 @@ __device__ __forceinline__ void m_step(const EmArgs<Tin, T>& a, const Tin* xb, T
             if (want_s) sacc[q] += zv[q];
           }
         }
-      }
+      });
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         const int64_t k = kb * KB + kq * 4 + q;
@@ -325,8 +361,214 @@ __device__ __forceinline__ void m_step(const EmArgs<Tin, T>& a, const Tin* xb, T
   }
 }
 
-template <int KB, typename Tin, typename T>
-__global__ void __launch_bounds__(kThreads, (sizeof(T) == 4 && KB < 64) ? 2 : 1) em_kernel(const EmArgs<Tin, T> a) {
+// ------------------------------------------------------------------ tensor-core path
+// mma.sync m16n8k8 TF32 (fp32 accumulate). PREC 0: one TF32 product; PREC 1: split products
+// (hi = rna(v), lo = rna(v − hi), lo·hi + hi·lo + hi·hi; an operand that is exact in TF32 —
+// half/bf16 x — is neither rounded nor split, so half x under PREC 1 takes 2 products).
+__device__ __forceinline__ uint32_t tf32_rna(float v) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(v));
+  return r;
+}
+
+// S: split into hi + lo; E: exact in TF32 (passed as is, lo = 0); else one rounded value.
+template <bool S, bool E>
+__device__ __forceinline__ void tf32_frag(float v, uint32_t& hi, uint32_t& lo) {
+  if (E) {
+    hi = __float_as_uint(v);
+    lo = 0u;
+  } else if (S) {
+    hi = tf32_rna(v);
+    float r = v - __uint_as_float(hi);
+    r = r == r ? r : 0.f;  // inf − inf: no remainder
+    lo = tf32_rna(r);
+  } else {
+    hi = tf32_rna(v);
+    lo = 0u;
+  }
+}
+
+__device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Zero MT × NT m16n8 accumulator fragments.
+template <int MT, int NT>
+__device__ __forceinline__ void zero_frags(float (&acc)[MT][NT][4]) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[mt][nt][q] = 0.f;
+}
+
+// acc[nt] += A · B_nt for one m16 tile and k8 step, small products first.
+template <int NT, bool SA, bool SB>
+__device__ __forceinline__ void mma_row(float (&acc)[NT][4], const uint32_t (&ah)[4], const uint32_t (&al)[4],
+                                        const uint32_t (&bh)[NT][2], const uint32_t (&bl)[NT][2]) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    if (SB) mma_tf32(acc[nt], ah, bl[nt]);
+    if (SA) mma_tf32(acc[nt], al, bh[nt]);
+    mma_tf32(acc[nt], ah, bh[nt]);
+  }
+}
+
+template <int KB>
+struct TcCfg {
+  // E-step: warps WM × WN over the [128 rows][KB] logits tile, warp tile MT·16 × NT·8.
+  static constexpr int WN = KB == 16 ? 1 : 2;
+  static constexpr int WM = 8 / WN;
+  static constexpr int EMT = kTN / WM / 16;
+  static constexpr int ENT = KB / WN / 8;
+  // M-step: every warp all KB means (MMT m16 tiles) × MNT·8 channels; slab CW = 8 warps' channels.
+  static constexpr int MMT = KB / 16;
+  static constexpr int MNT = KB == 64 ? 2 : 4;
+  static constexpr int CW = 8 * MNT * 8;      // 128 or 256 channels per slab
+  static constexpr int RT = 4096 / CW;        // rows per staging tile (32 or 16)
+  static constexpr int XST = CW + 8;          // ≡ 8 (mod 32): conflict-free B fragments
+  static_assert(RT * XST <= Cfg<KB>::STAGE, "M staging tile");
+  static_assert(RT % 8 == 0 && kTN % RT == 0, "M staging rows");
+};
+
+// Tensor-core logits of one E tile: same staging as e_logits (e_slabs: x slab [128][36], mean slab
+// [KB][36], register prefetch), products by mma; zst ≡ 8 (mod 32) is not needed here.
+template <int KB, int PREC, typename Tin>
+__device__ __forceinline__ void e_logits_tc(const EmArgs<Tin, float>& a, const Tin* xb, const float* mub,
+                                            float* stage, const float* hs, float* Zt, int64_t t0, int64_t s1,
+                                            int64_t kb) {
+  using TC = TcCfg<KB>;
+  constexpr int MT = TC::EMT, NT = TC::ENT;
+  constexpr bool XEX = !std::is_same<Tin, float>::value;
+  constexpr bool SA = PREC == 1 && !XEX, SB = PREC == 1;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int rbase = (warp / TC::WN) * (MT * 16), nbase = (warp % TC::WN) * (NT * 8);
+  const int64_t C = a.C, K = a.K;
+  float acc[MT][NT][4];
+  zero_frags(acc);
+  e_slabs<KB>(xb, mub, stage, C, K, t0, s1, kb, [&](const float* xs, const float* ms) {
+#pragma unroll 1
+    for (int k8 = 0; k8 < kCS; k8 += 8) {
+      uint32_t bh[NT][2], bl[NT][2];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const float* q = ms + (nbase + nt * 8 + g) * kXS + k8 + t;
+        tf32_frag<SB, false>(q[0], bh[nt][0], bl[nt][0]);
+        tf32_frag<SB, false>(q[4], bh[nt][1], bl[nt][1]);
+      }
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        uint32_t ah[4], al[4];
+        const float* p = xs + (rbase + mt * 16 + g) * kXS + k8 + t;
+        tf32_frag<SA, XEX>(p[0], ah[0], al[0]);
+        tf32_frag<SA, XEX>(p[8 * kXS], ah[1], al[1]);
+        tf32_frag<SA, XEX>(p[4], ah[2], al[2]);
+        tf32_frag<SA, XEX>(p[8 * kXS + 4], ah[3], al[3]);
+        mma_row<NT, SA, SB>(acc[mt], ah, al, bh, bl);
+      }
+    }
+  });
+  const bool l2 = a.kernel == 1;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int64_t k = kb * KB + nbase + nt * 8 + 2 * t + j;
+      if (k < K) {
+        const float hk = l2 ? hs[k] : 0.f;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const float l = a.kappa * acc[mt][nt][2 * h + j];
+            Zt[(rbase + mt * 16 + g + 8 * h) * a.zst + k] = l2 ? l - hk : l;
+          }
+      }
+    }
+}
+
+// Tensor-core M-step of one sub-chunk: pacc [K][C] (+)= zᵀ x by mma (A = zᵀ from Z, B = x
+// staged [RT rows][CW + 8]), Ss[k] (+)= Σ z by the threads tid < KB in the first slab (rows
+// in order). Each partial element always by the same thread.
+template <int KB, int PREC, typename Tin>
+__device__ __forceinline__ void m_step_tc(const EmArgs<Tin, float>& a, const Tin* xb, float* stage, const float* Z,
+                                          float* pacc, float* Ss, int64_t s0, int64_t s1, bool first) {
+  using TC = TcCfg<KB>;
+  constexpr int MT = TC::MMT, NT = TC::MNT, CW = TC::CW, RT = TC::RT, XST = TC::XST;
+  constexpr bool XEX = !std::is_same<Tin, float>::value;
+  constexpr bool SA = PREC == 1, SB = PREC == 1 && !XEX;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int wc = warp * (NT * 8);
+  const int64_t C = a.C, K = a.K, zst = a.zst;
+  for (int64_t kb = 0; kb * KB < a.kpad; ++kb) {
+    for (int64_t c0 = 0; c0 < C; c0 += CW) {
+      const bool want_s = c0 == 0 && tid < KB && kb * KB + tid < K;
+      float sacc = 0.f;
+      float acc[MT][NT][4];
+      zero_frags(acc);
+      m_tiles<CW, RT, XST>(xb, stage, C, s0, s1, c0, [&](int64_t rt) {
+        const float* zt = Z + (rt * RT) * zst + kb * KB;
+        if (want_s) {
+#pragma unroll 4
+          for (int r = 0; r < RT; ++r) sacc += zt[r * zst + tid];
+        }
+#pragma unroll 1
+        for (int r8 = 0; r8 < RT; r8 += 8) {
+          uint32_t bh[NT][2], bl[NT][2];
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            const float* q = stage + (r8 + t) * XST + wc + nt * 8 + g;
+            tf32_frag<SB, XEX>(q[0], bh[nt][0], bl[nt][0]);
+            tf32_frag<SB, XEX>(q[4 * XST], bh[nt][1], bl[nt][1]);
+          }
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            uint32_t ah[4], al[4];
+            const float* p = zt + (r8 + t) * zst + mt * 16 + g;
+            tf32_frag<SA, false>(p[0], ah[0], al[0]);
+            tf32_frag<SA, false>(p[8], ah[1], al[1]);
+            tf32_frag<SA, false>(p[4 * zst], ah[2], al[2]);
+            tf32_frag<SA, false>(p[4 * zst + 8], ah[3], al[3]);
+            mma_row<NT, SA, SB>(acc[mt], ah, al, bh, bl);
+          }
+        }
+      });
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int64_t k = kb * KB + mt * 16 + g + 8 * h;
+          if (k < K) {
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+              for (int j = 0; j < 2; ++j) {
+                const int64_t c = c0 + wc + nt * 8 + 2 * t + j;
+                if (c < C) {
+                  float* dst = pacc + k * C + c;
+                  *dst = first ? acc[mt][nt][2 * h + j] : *dst + acc[mt][nt][2 * h + j];
+                }
+              }
+          }
+        }
+      if (want_s) {
+        const int64_t k = kb * KB + tid;
+        Ss[k] = first ? sacc : Ss[k] + sacc;
+      }
+    }
+  }
+}
+
+// PREC −1: FFMA products (e_logits / m_step); 0, 1: tensor cores (e_logits_tc / m_step_tc), float T only.
+template <int KB, typename Tin, typename T, int PREC>
+__global__ void __launch_bounds__(kThreads, (sizeof(T) == 4 && KB < 64 && PREC < 0) ? 2 : 1)
+    em_kernel(const EmArgs<Tin, T> a) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* hs = reinterpret_cast<T*>(smem_raw);
   T* Ss = hs + a.kpad;
@@ -366,12 +608,22 @@ __global__ void __launch_bounds__(kThreads, (sizeof(T) == 4 && KB < 64) ? 2 : 1)
       const int64_t s1 = min(n1, s0 + a.ncz);
       for (int64_t t0 = s0; t0 < s1; t0 += kTN) {
         T* Zt = Z + (t0 - s0) * a.zst;
-        for (int64_t kb = 0; kb * KB < a.kpad; ++kb) e_logits<KB>(a, xb, mub, stage, hs, Zt, t0, s1, kb);
+        for (int64_t kb = 0; kb * KB < a.kpad; ++kb) {
+          if constexpr (PREC < 0) {
+            e_logits<KB>(a, xb, mub, stage, hs, Zt, t0, s1, kb);
+          } else {
+            e_logits_tc<KB, PREC>(a, xb, mub, stage, hs, Zt, t0, s1, kb);
+          }
+        }
         __syncthreads();
         e_softmax(a, Zt, b, t0, s1, last);
       }
       __syncthreads();
-      m_step<KB>(a, xb, stage, Z, pacc, Ss, s0, s1, s0 == n0);
+      if constexpr (PREC < 0) {
+        m_step<KB>(a, xb, stage, Z, pacc, Ss, s0, s1, s0 == n0);
+      } else {
+        m_step_tc<KB, PREC>(a, xb, stage, Z, pacc, Ss, s0, s1, s0 == n0);
+      }
       __syncthreads();
     }
     if (!a.fused) {
@@ -434,6 +686,7 @@ __global__ void __launch_bounds__(kThreads) em_finalize_kernel(const T* __restri
 
 // ----------------------------------------------------------------------------- plan
 struct EmPlan {
+  bool tc = false;  // tensor-core products (zst = kpad + 8) instead of FFMA (zst = kpad + 4)
   int kb = 16;
   int64_t kpad = 0, zst = 0, G = 1, rpb = 0, ncz = 0;
   bool zs_global = false;
@@ -451,14 +704,24 @@ int stage_elems(int kb) {
   }
 }
 
+// Tensor cores for float32 / float16 / bfloat16 when the tiles are mostly real work: K ≥ 8
+// (at least one full n8 tile of means), C ≥ 32 (one full E slab), N ≥ 64 rows per item (half
+// an E tile), on sm_80+. float64 and the small shapes keep the FFMA kernel (fp32-exact, and
+// there the launch / latency, not the products, is the cost).
+bool em_use_tc(int64_t N, int64_t C, int64_t K, Dtype dtype, int cc_major) {
+  return dtype != Dtype::kFloat64 && cc_major >= 8 && K >= 8 && C >= 32 && N >= 64;
+}
+
 int em_plan(int64_t B, int64_t N, int64_t C, int64_t K, Dtype dtype, EmPlan& p) {
-  int dev = 0, sms = 0;
+  int dev = 0, sms = 0, ccm = 0;
   VOS_CUDA_TRY(cudaGetDevice(&dev));
   VOS_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  VOS_CUDA_TRY(cudaDeviceGetAttribute(&ccm, cudaDevAttrComputeCapabilityMajor, dev));
   const int64_t es = dtype == Dtype::kFloat64 ? 8 : 4;
+  p.tc = em_use_tc(N, C, K, dtype, ccm);
   p.kb = K <= 16 ? 16 : (K <= 32 ? 32 : 64);
   p.kpad = std::max<int64_t>(1, (K + p.kb - 1) / p.kb) * p.kb;
-  p.zst = p.kpad + 4;
+  p.zst = p.kpad + (p.tc ? 8 : 4);  // kpad + 8 ≡ 8 (mod 32) or 24: conflict-free zᵀ fragments
   const int64_t n = std::max<int64_t>(N, 1);
   const int64_t g_target = std::max<int64_t>(1, (2 * int64_t(std::max(sms, 1)) + B - 1) / std::max<int64_t>(B, 1));
   const int64_t g_max = (n + 255) / 256;
@@ -486,9 +749,9 @@ int em_plan(int64_t B, int64_t N, int64_t C, int64_t K, Dtype dtype, EmPlan& p) 
   return 0;
 }
 
-template <int KB, typename Tin, typename T>
+template <int KB, int PREC, typename Tin, typename T>
 int launch_em_kb(const EmArgs<Tin, T>& base, const EmPlan& p, int64_t B, int64_t num_iters, cudaStream_t st) {
-  auto* kern = em_kernel<KB, Tin, T>;
+  auto* kern = em_kernel<KB, Tin, T, PREC>;
   VOS_CUDA_TRY(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(p.smem)));
   const dim3 grid(static_cast<unsigned>(B * p.G));
   EmArgs<Tin, T> a = base;
@@ -514,7 +777,7 @@ int launch_em_kb(const EmArgs<Tin, T>& base, const EmPlan& p, int64_t B, int64_t
 template <typename Tin, typename T>
 int launch_em(const void* x, const void* means_in, const void* mask, void* means_out, void* resp, void* ws,
               const EmPlan& p, int64_t B, int64_t N, int64_t C, int64_t K, int64_t num_iters, double kappa,
-              int kernel, bool normalize, cudaStream_t st) {
+              int kernel, bool normalize, MatmulPrecision precision, cudaStream_t st) {
   unsigned char* w = static_cast<unsigned char*>(ws);
   EmArgs<Tin, T> a;
   a.x = static_cast<const Tin*>(x);
@@ -540,12 +803,35 @@ int launch_em(const void* x, const void* means_in, const void* mask, void* means
   a.it0 = 0;
   a.iters = 1;
   a.num_iters = num_iters;
+  if constexpr (std::is_same<T, float>::value) {
+    if (p.tc) {
+      if (precision == MatmulPrecision::kIEEE) {
+        switch (p.kb) {
+          case 16: return launch_em_kb<16, 1>(a, p, B, num_iters, st);
+          case 32: return launch_em_kb<32, 1>(a, p, B, num_iters, st);
+          default: return launch_em_kb<64, 1>(a, p, B, num_iters, st);
+        }
+      }
+      switch (p.kb) {
+        case 16: return launch_em_kb<16, 0>(a, p, B, num_iters, st);
+        case 32: return launch_em_kb<32, 0>(a, p, B, num_iters, st);
+        default: return launch_em_kb<64, 0>(a, p, B, num_iters, st);
+      }
+    }
+  }
   switch (p.kb) {
-    case 16: return launch_em_kb<16>(a, p, B, num_iters, st);
-    case 32: return launch_em_kb<32>(a, p, B, num_iters, st);
-    default: return launch_em_kb<64>(a, p, B, num_iters, st);
+    case 16: return launch_em_kb<16, -1>(a, p, B, num_iters, st);
+    case 32: return launch_em_kb<32, -1>(a, p, B, num_iters, st);
+    default: return launch_em_kb<64, -1>(a, p, B, num_iters, st);
   }
 }
+
+// Type tag of the dtype dispatch in gmm_em.
+template <typename Tin, typename T>
+struct EmTypes {
+  using In = Tin;
+  using Acc = T;
+};
 
 }  // namespace
 
@@ -558,26 +844,28 @@ int64_t gmm_em_workspace_bytes(int64_t B, int64_t N, int64_t C, int64_t K, Dtype
 int gmm_em(const void* x, const void* means_in, const void* mask, void* means_out, void* resp, void* workspace,
            int64_t workspace_bytes, int64_t B, int64_t N, int64_t C, int64_t K, int64_t num_iters, double kappa,
            int kernel, bool normalize_means, Dtype dtype, MatmulPrecision precision, void* stream) {
-  (void)precision;  // FFMA products: fp32-accurate under either precision
   if (B <= 0 || N <= 0 || K <= 0 || num_iters <= 0) return 0;
   EmPlan p;
   const int rc = em_plan(B, N, C, K, dtype, p);
   if (rc != 0) return rc;
   if (workspace_bytes < p.total) return static_cast<int>(cudaErrorInvalidValue);
   cudaStream_t st = as_stream(stream);
+  // launch_em<Tin, T> for the (input, accumulator) types named by the tag
+  auto launch = [&](auto tag) {
+    using Tin = typename decltype(tag)::In;
+    using T = typename decltype(tag)::Acc;
+    return launch_em<Tin, T>(x, means_in, mask, means_out, resp, workspace, p, B, N, C, K, num_iters, kappa, kernel,
+                             normalize_means, precision, st);
+  };
   switch (dtype) {
     case Dtype::kFloat32:
-      return launch_em<float, float>(x, means_in, mask, means_out, resp, workspace, p, B, N, C, K, num_iters, kappa,
-                                     kernel, normalize_means, st);
+      return launch(EmTypes<float, float>{});
     case Dtype::kFloat64:
-      return launch_em<double, double>(x, means_in, mask, means_out, resp, workspace, p, B, N, C, K, num_iters,
-                                       kappa, kernel, normalize_means, st);
+      return launch(EmTypes<double, double>{});
     case Dtype::kFloat16:
-      return launch_em<__half, float>(x, means_in, mask, means_out, resp, workspace, p, B, N, C, K, num_iters, kappa,
-                                      kernel, normalize_means, st);
+      return launch(EmTypes<__half, float>{});
     case Dtype::kBFloat16:
-      return launch_em<__nv_bfloat16, float>(x, means_in, mask, means_out, resp, workspace, p, B, N, C, K, num_iters,
-                                             kappa, kernel, normalize_means, st);
+      return launch(EmTypes<__nv_bfloat16, float>{});
   }
   return static_cast<int>(cudaErrorInvalidValue);
 }

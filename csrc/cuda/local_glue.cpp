@@ -47,6 +47,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fb_multi_local_matching_cuda(
               "], got ", previous_labels.sizes());
   TORCH_CHECK(num_labels >= 1, "vos_kernels::", op, ": num_labels must be >= 1, got ",
               num_labels);
+  TORCH_CHECK(num_labels < std::numeric_limits<int32_t>::max(), "vos_kernels::", op,
+              ": num_labels too large: ", num_labels);
   TORCH_CHECK(atrous_rate >= 1, "vos_kernels::", op, ": atrous_rate must be >= 1, got ",
               atrous_rate);
   const int64_t K = static_cast<int64_t>(windows.size());

@@ -68,6 +68,7 @@
 #include <cstdint>
 
 #include "cuda/common.cuh"
+#include "cuda/fb_state.cuh"
 #include "cuda/local_matching.h"
 
 namespace vos {
@@ -94,12 +95,6 @@ __device__ __forceinline__ float pos_inf<float>() { return __int_as_float(0x7f80
 template <>
 __device__ __forceinline__ double pos_inf<double>() { return __longlong_as_double(0x7ff0000000000000ll); }
 
-template <typename T>
-__device__ __forceinline__ bool less_nan_first(T a, T b) {
-  const bool na = a != a, nb = b != b;
-  if (na != nb) return na;
-  return !na && a < b;
-}
 
 __device__ __forceinline__ unsigned long long make_key(float d, unsigned int id) {
   if (!(d > 0.0f)) d = (d != d) ? d : 0.0f;  // clamp at +0, keep NaN
@@ -306,8 +301,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1) local_fast_kernel(const LocalP
     const int64_t pix = static_cast<int64_t>(y) * W + x;
     const int64_t obase = (b * LK + static_cast<int64_t>(l0) * K + k) * HW + pix;
     const unsigned long long* sq = state + tq * LG * K;
-    int best = -1, second = -1;
-    float fbest = 1.0f, fsecond = 1.0f;
+    FbState<float> fb;
+    fb.init();
     for (int l = 0; l < LGe; ++l) {
       unsigned long long key = ~0ull;
       for (int kk = 0; kk <= k; ++kk) {
@@ -324,22 +319,10 @@ __global__ void __launch_bounds__(kMaxThreads, 1) local_fast_kernel(const LocalP
       const int64_t o = obase + static_cast<int64_t>(l) * K * HW;
       p.fg[o] = f;
       p.idx[o] = index;
-      if (best < 0 || less_nan_first(f, fbest)) {
-        second = best;
-        fsecond = fbest;
-        best = l;
-        fbest = f;
-      } else if (second < 0 || less_nan_first(f, fsecond)) {
-        second = l;
-        fsecond = f;
-      }
+      fb.add(f, l);
     }
     if (p.fuse_bg) {
-      for (int l = 0; l < LGe; ++l) {
-        const int src = l == best ? second : best;
-        const float v = src < 0 ? 1.0f : (src == best ? fbest : fsecond);
-        p.bg[obase + static_cast<int64_t>(l) * K * HW] = v;
-      }
+      for (int l = 0; l < LGe; ++l) p.bg[obase + static_cast<int64_t>(l) * K * HW] = fb.bg(l);
     }
   }
 }
@@ -397,24 +380,10 @@ __global__ void bg_kernel(const T* __restrict__ fg, T* __restrict__ bg, int64_t 
        o += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t b = o / S, s = o % S;
     const int64_t base = b * L * S + s;
-    int64_t best = -1, second = -1;
-    T fbest = T(1), fsecond = T(1);
-    for (int64_t l = 0; l < L; ++l) {
-      const T v = fg[base + l * S];
-      if (best < 0 || less_nan_first(v, fbest)) {
-        second = best;
-        fsecond = fbest;
-        best = l;
-        fbest = v;
-      } else if (second < 0 || less_nan_first(v, fsecond)) {
-        second = l;
-        fsecond = v;
-      }
-    }
-    for (int64_t l = 0; l < L; ++l) {
-      const int64_t src = l == best ? second : best;
-      bg[base + l * S] = src < 0 ? T(1) : (src == best ? fbest : fsecond);
-    }
+    FbState<T> fb;  // labels fit in int: they are int32 after the glue's cast
+    fb.init();
+    for (int64_t l = 0; l < L; ++l) fb.add(fg[base + l * S], static_cast<int>(l));
+    for (int64_t l = 0; l < L; ++l) bg[base + l * S] = fb.bg(static_cast<int>(l));
   }
 }
 

@@ -509,6 +509,27 @@ __device__ __forceinline__ bool better(T a, int64_t ia, T b, int64_t ib) {  // (
   return ia < ib;  // equal values (−0 == +0): lowest index first
 }
 
+// Entries j < n of the sorted list (v, i) go to position j + #(entries of the sorted list
+// (ov, oi) of length on that rank above them) of (out_v, out_i), if below newlen.
+template <typename T>
+__device__ __forceinline__ void place_by_rank(const T* v, const int64_t* i, int n, const T* ov,
+                                              const int64_t* oi, int on, int newlen, T* out_v,
+                                              int64_t* out_i, int tid) {
+  for (int j = tid; j < n; j += kGenThreads) {
+    const T x = v[j];
+    const int64_t ix = i[j];
+    int lo = 0, hi = on;
+    while (lo < hi) {
+      const int mid = (lo + hi) >> 1;
+      if (better(ov[mid], oi[mid], x, ix)) lo = mid + 1; else hi = mid;
+    }
+    if (j + lo < newlen) {
+      out_v[j + lo] = x;
+      out_i[j + lo] = ix;
+    }
+  }
+}
+
 __device__ __forceinline__ float exp_t(float x) { return expf(x); }
 __device__ __forceinline__ double exp_t(double x) { return exp(x); }
 
@@ -570,32 +591,10 @@ __global__ void __launch_bounds__(kGenThreads)
         }
       }
       const int newlen = min(K, filled + cnt);
-      for (int j = tid; j < filled; j += kGenThreads) {  // list entries: rank = j + #chunk above
-        const T v = curv[j];
-        const int64_t iv = curi[j];
-        int lo = 0, hi = cnt;
-        while (lo < hi) {
-          const int mid = (lo + hi) >> 1;
-          if (better(sv[mid], si[mid], v, iv)) lo = mid + 1; else hi = mid;
-        }
-        if (j + lo < newlen) {
-          nxtv[j + lo] = v;
-          nxti[j + lo] = iv;
-        }
-      }
-      for (int j = tid; j < cnt; j += kGenThreads) {  // chunk entries: rank = j + #list above
-        const T v = sv[j];
-        const int64_t iv = si[j];
-        int lo = 0, hi = filled;
-        while (lo < hi) {
-          const int mid = (lo + hi) >> 1;
-          if (better(curv[mid], curi[mid], v, iv)) lo = mid + 1; else hi = mid;
-        }
-        if (j + lo < newlen) {
-          nxtv[j + lo] = v;
-          nxti[j + lo] = iv;
-        }
-      }
+      // merge of two sorted lists: each entry's rank is its own position plus the number
+      // of entries of the other list that rank above it (keys are unique)
+      place_by_rank(curv, curi, filled, sv, si, cnt, newlen, nxtv, nxti, tid);  // list entries
+      place_by_rank(sv, si, cnt, curv, curi, filled, newlen, nxtv, nxti, tid);  // chunk entries
       __syncthreads();  // the new list is visible to the block
       T* tv = curv; curv = nxtv; nxtv = tv;
       int64_t* ti = curi; curi = nxti; nxti = ti;

@@ -60,6 +60,7 @@
 #include <cmath>
 
 #include "cuda/common.cuh"
+#include "cuda/load.cuh"
 #include "cuda/prototype.h"
 
 namespace vos {
@@ -70,21 +71,6 @@ constexpr int kThreads = 256;
 constexpr int kSlab = 32;         // channels per logits slab
 constexpr int kXS = kSlab + 4;    // row stride of the logits staging tiles
 constexpr int kRT = 32;           // rows per prototype_values staging tile
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-__device__ __forceinline__ void ld4(const float* p, float (&v)[4]) {
-  const float4 t = *reinterpret_cast<const float4*>(p);
-  v[0] = t.x;
-  v[1] = t.y;
-  v[2] = t.z;
-  v[3] = t.w;
-}
-
-__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // ------------------------------------------------------------ prototype_attention (fast)
 template <int TQ, int KB>
