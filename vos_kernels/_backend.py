@@ -130,7 +130,7 @@ def get_backend() -> str:
 
 def resolve(device: torch.device, op: str | None = None) -> str:
     """The concrete backend (``"cpu"``, ``"triton"``, ``"cuda"``, ``"reference"``) for a device
-    (and op: ``"auto"`` on CUDA follows ``AUTO_CUDA``).
+    (and op: ``"auto"`` on CUDA follows :func:`auto_choice`).
 
     Raises ValueError when the chosen backend cannot run tensors of that device, and
     RuntimeError when the compiled extension is missing.
