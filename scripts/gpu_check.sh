@@ -33,11 +33,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-out="" quick=0 cases="" tests=all build=1 sanitizer=1 bench=1 segment=1 wheels=""
+out="" quick=0 cases="" tests="" build=1 sanitizer=1 bench=1 segment=1 wheels=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) out=$2; shift 2 ;;
-    --quick) quick=1; tests=cuda; shift ;;
+    --quick) quick=1; shift ;;
     --cases) cases=$2; shift 2 ;;
     --tests) tests=$2; shift 2 ;;
     --no-build) build=0; shift ;;
@@ -49,6 +49,8 @@ while [ $# -gt 0 ]; do
     *) echo "gpu_check.sh: unknown option $1 (--help lists them)" >&2; exit 2 ;;
   esac
 done
+# --quick runs only tests/test_cuda.py unless --tests says otherwise
+[ -z "$tests" ] && { [ "$quick" = 1 ] && tests=cuda || tests=all; }
 if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   echo "gpu_check.sh: torch sees no CUDA device" >&2
   exit 2
