@@ -38,9 +38,10 @@ LIBRARY = _load_library()
 LOADED = LIBRARY is not None
 # Ops with a CUDA kernel: CUDA C++ (csrc/cuda/, registered by the C++ library itself when
 # it was built with CUDA) where written, Triton otherwise (registered below).
+GMM_OPS = ("gmm_em", "prototype_values", "prototype_attention", "diag_gmm_log_prob", "diag_gmm_log_prob_backward",
+           "diag_gmm_fit", "diag_gmm_fit_backward")
 CUDA_OPS = ("labelled_nearest_sqdist", "fb_global_matching", "fb_multi_local_matching", "fb_instance_pooling",
-            "nearest_sqdist_backward", "topk_memory_read", "gmm_em", "prototype_values", "prototype_attention",
-            "diag_gmm_log_prob", "diag_gmm_log_prob_backward", "diag_gmm_fit", "diag_gmm_fit_backward")
+            "nearest_sqdist_backward", "topk_memory_read") + GMM_OPS
 # Which of them hold a CUDA C++ kernel: read before the Triton kernels are registered.
 CUDA_CPP_OPS = frozenset(
     name for name in CUDA_OPS
@@ -370,8 +371,6 @@ _GMM_AUTOGRAD = {
     "diag_gmm_log_prob": (_log_prob_setup, _log_prob_backward),
     "diag_gmm_fit": (_fit_setup, _fit_backward),
 }
-GMM_OPS = ("gmm_em", "prototype_values", "prototype_attention", "diag_gmm_log_prob", "diag_gmm_log_prob_backward",
-           "diag_gmm_fit", "diag_gmm_fit_backward")
 
 
 def gmm_interpreted(name, *args):

@@ -656,23 +656,27 @@ struct Vec4<float> {
     v[0] = x.x; v[1] = x.y; v[2] = x.z; v[3] = x.w;
   }
 };
+// float16 / bfloat16: one 8-byte load, two pairs converted to float2
+__device__ __forceinline__ float2 pair_to_float2(unsigned u, __half) {
+  return __half22float2(*reinterpret_cast<const __half2*>(&u));
+}
+__device__ __forceinline__ float2 pair_to_float2(unsigned u, __nv_bfloat16) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&u));
+}
+template <typename T>
+__device__ __forceinline__ void load4_16bit(const T* p, float (&v)[4]) {
+  const uint2 x = __ldg(reinterpret_cast<const uint2*>(p));
+  const float2 a = pair_to_float2(x.x, T());
+  const float2 c = pair_to_float2(x.y, T());
+  v[0] = a.x; v[1] = a.y; v[2] = c.x; v[3] = c.y;
+}
 template <>
 struct Vec4<__half> {
-  __device__ __forceinline__ static void load(const __half* p, float (&v)[4]) {
-    const uint2 x = __ldg(reinterpret_cast<const uint2*>(p));
-    const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&x.x));
-    const float2 c = __half22float2(*reinterpret_cast<const __half2*>(&x.y));
-    v[0] = a.x; v[1] = a.y; v[2] = c.x; v[3] = c.y;
-  }
+  __device__ __forceinline__ static void load(const __half* p, float (&v)[4]) { load4_16bit(p, v); }
 };
 template <>
 struct Vec4<__nv_bfloat16> {
-  __device__ __forceinline__ static void load(const __nv_bfloat16* p, float (&v)[4]) {
-    const uint2 x = __ldg(reinterpret_cast<const uint2*>(p));
-    const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x.x));
-    const float2 c = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&x.y));
-    v[0] = a.x; v[1] = a.y; v[2] = c.x; v[3] = c.y;
-  }
+  __device__ __forceinline__ static void load(const __nv_bfloat16* p, float (&v)[4]) { load4_16bit(p, v); }
 };
 
 constexpr int kChunk = 512;  // channels per warp
