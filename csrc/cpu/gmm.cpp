@@ -5,8 +5,8 @@
 // Gaussians"), ../shared/spec/api.md and ../shared/spec/gmm.md.
 //
 // gmm_em, float32 with K ≤ 16, N ≤ 768, N·C ≤ 65 536 (PCAN's instance head): the small-K
-// path ("gmm_em: small-K path" below): one work item per problem running all iterations,
-// x packed once per problem, hand-written register-blocked products (no BLAS).
+// path (gmm_small.h, compiled in gmm_small_k*.cpp): one work item per problem running all
+// iterations, x packed once per problem, hand-written register-blocked products (no BLAS).
 // gmm_em otherwise: per iteration one read of x. The points of a batch element are cut into tiles
 // of `tile` rows (≈ 256 KiB, L2-resident) and the tiles into G groups (G a function of
 // the shapes only: ≤ 16 groups of ≥ 3 tiles). One work item = one (batch, group); items
@@ -53,12 +53,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define VOS_GMM_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define VOS_GMM_CLONES
-#endif
-#define VOS_GMM_INLINE __attribute__((always_inline)) inline
+#include "gmm_small.h"  // VOS_GMM_CLONES, VOS_GMM_INLINE, the small-K path
 
 namespace vos_kernels {
 namespace cpu {
@@ -366,269 +361,6 @@ void em_finalize(const EmState<T>& s, const Split& sp, int64_t b, int64_t k, boo
   if (s.h != nullptr) s.h[b * K + k] = s.kappa / T(2) * sq_norm(mu, C);
 }
 
-// ------------------------------------------------------------ gmm_em: small-K path
-// float32, K ≤ 16, N ≤ 768, N·C ≤ 65 536 (PCAN's instance head: many RoI problems of 196 points).
-// One work item per problem runs all iterations (no finalize pass between them). Once per
-// problem: xᵀ packed in panels of 16 points [P][C][16] (pad points 0), a mask vector
-// (pads 0) and, when C % 16 ≠ 0, a row-major copy of x with C padded to CP. Per iteration:
-//   E-step per panel, in registers: acc_k = Σ_c μ_kc·xᵀ_c (16 points along the lanes, c in
-//     order, mul then add), l = kappa·acc − h, max over k, exp, Σ_k, ÷, × mask; z stored
-//     [P][K][16], S_k summed in the 16 lanes (lane = point mod 16);
-//   M-step: A [K, CP] = Σ_j z_kj·x_j (C along the lanes, K × NV vectors of accumulators
-//     held over all N rows, rows in order);
-//   finalize: S_k = lanes added in order, μ = A / (1e-6 + S), ‖μ‖ from 16 stripes.
-// K is a template parameter (instantiated 1 … 16) inlined into one target_clones function;
-// the summation order depends on the shapes only (reruns, thread counts: same bits).
-typedef float v16f __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-typedef uint32_t v16u __attribute__((vector_size(64)));
-
-constexpr int64_t kSmallMaxK = 16;
-constexpr int64_t kSmallMaxNC = 65536;  // x of a problem ≤ 256 KiB: one tile of the BLAS path
-constexpr int64_t kSmallMaxN = 768;     // ≤ 3 tiles of 256 rows: G = 1 on the BLAS path too, so
-                                        // this path never gives up parallelism over groups
-
-inline bool em_small_path(at::ScalarType st, int64_t N, int64_t C, int64_t K) {
-  return st == at::kFloat && K >= 1 && K <= kSmallMaxK && N >= 1 && N <= kSmallMaxN && C >= 1 &&
-         N * C <= kSmallMaxNC;
-}
-
-VOS_GMM_INLINE v16f vload(const float* p) {
-  v16f v;
-  __builtin_memcpy(&v, p, sizeof v);
-  return v;
-}
-VOS_GMM_INLINE void vstore(float* p, v16f v) { __builtin_memcpy(p, &v, sizeof v); }
-VOS_GMM_INLINE v16f splat(float s) {
-  v16f v;
-  for (int u = 0; u < 16; ++u) v[u] = s;
-  return v;
-}
-
-// exp_approx on 16 lanes: the same operations as the scalar version.
-VOS_GMM_INLINE v16f exp_v(v16f x) {
-  x = x < splat(-87.0f) ? splat(-87.0f) : x;  // NaN passes through both selects
-  x = x > splat(88.0f) ? splat(88.0f) : x;
-  const v16f y = x * 1.44269504088896341f + 12582912.0f;
-  const v16f fx = y - 12582912.0f;
-  const v16i n = (v16i)y - 0x4B400000;
-  v16f r = x - fx * 0.693359375f;
-  r = r - fx * -2.12194440e-4f;
-  v16f p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  return p * (v16f)((v16u)(n + 127) << 23);
-}
-
-// In-register 16 × 16 transpose: four stages, stage b swaps bit b of the row and lane index.
-constexpr int tr_lo(int j, int b) { return (j & b) ? 16 + (j & ~b) : j; }
-constexpr int tr_hi(int j, int b) { return (j & b) ? 16 + j : (j | b); }
-#define VOS_GMM_MASK16(f, b)                                                                            \
-  v16i { f(0, b), f(1, b), f(2, b), f(3, b), f(4, b), f(5, b), f(6, b), f(7, b), f(8, b), f(9, b), f(10, b), \
-         f(11, b), f(12, b), f(13, b), f(14, b), f(15, b) }
-template <int b>
-VOS_GMM_INLINE void transpose16_stage(v16f* r) {
-  const v16i lo = VOS_GMM_MASK16(tr_lo, b);
-  const v16i hi = VOS_GMM_MASK16(tr_hi, b);
-  for (int i = 0; i < 16; ++i) {
-    if (i & b) continue;
-    const v16f a = r[i], c = r[i | b];
-    r[i] = __builtin_shuffle(a, c, lo);
-    r[i | b] = __builtin_shuffle(a, c, hi);
-  }
-}
-VOS_GMM_INLINE void transpose16(v16f* r) {
-  transpose16_stage<1>(r);
-  transpose16_stage<2>(r);
-  transpose16_stage<4>(r);
-  transpose16_stage<8>(r);
-}
-
-struct SmallEmLayout {
-  int64_t P, CP, xt, xr, mt, zp, A, mv, S, total;
-  SmallEmLayout(int64_t N, int64_t C, int64_t K) {
-    P = (N + 15) / 16;
-    CP = (C + 15) / 16 * 16;
-    auto up = [](int64_t n) { return (n + 15) / 16 * 16; };
-    xt = 0;
-    xr = xt + up(P * C * 16);
-    mt = xr + (CP != C ? up(N * CP) : 0);
-    zp = mt + up(C * K);
-    A = zp + up(P * K * 16);
-    mv = A + up(K * CP);
-    S = mv + P * 16;
-    total = S + K * 16;
-  }
-};
-
-// z [KK][16] of one panel and S += z; xt [C][16], mt [C][KK] (μᵀ).
-template <int KK>
-VOS_GMM_INLINE void em_small_estep(const float* xt, const float* mt, int64_t C, const float* h, float kappa,
-                                   const float* mv, float* zp, float* S) {
-  v16f acc[KK];
-  for (int k = 0; k < KK; ++k) acc[k] = v16f{};
-  for (int64_t c = 0; c < C; ++c) {
-    const v16f xv = vload(xt + c * 16);
-    const float* m = mt + c * KK;
-    for (int k = 0; k < KK; ++k) acc[k] += xv * m[k];
-  }
-  v16f mx = splat(-std::numeric_limits<float>::infinity());
-  for (int k = 0; k < KK; ++k) {
-    const v16f l = h != nullptr ? acc[k] * kappa - h[k] : acc[k] * kappa;
-    acc[k] = l;
-    mx = l > mx ? l : mx;
-  }
-  v16f s = v16f{};
-  for (int k = 0; k < KK; ++k) {
-    const v16f e = exp_v(acc[k] - mx);
-    acc[k] = e;
-    s += e;
-  }
-  const v16f mk = vload(mv);
-  for (int k = 0; k < KK; ++k) {
-    const v16f z = acc[k] / s * mk;
-    vstore(zp + k * 16, z);
-    vstore(S + k * 16, vload(S + k * 16) + z);
-  }
-}
-
-// A[k][c0 .. c0 + 16·NV) = Σ_j z_kj · x[j][c0 ..], j = 0 … N−1 in order.
-template <int KK, int NV>
-VOS_GMM_INLINE void em_small_mstep(const float* zp, const float* xr, int64_t ldx, int64_t N, int64_t c0, float* A,
-                                   int64_t CP) {
-  v16f acc[KK][NV];
-  for (int k = 0; k < KK; ++k)
-    for (int v = 0; v < NV; ++v) acc[k][v] = v16f{};
-  for (int64_t p = 0; p * 16 < N; ++p) {
-    const float* zb = zp + p * KK * 16;
-    const int64_t m = std::min<int64_t>(16, N - p * 16);
-    for (int64_t u = 0; u < m; ++u) {
-      const float* xrow = xr + (p * 16 + u) * ldx + c0;
-      v16f xv[NV];
-      for (int v = 0; v < NV; ++v) xv[v] = vload(xrow + 16 * v);
-      for (int k = 0; k < KK; ++k) {
-        const float zk = zb[k * 16 + u];
-        for (int v = 0; v < NV; ++v) acc[k][v] += xv[v] * zk;
-      }
-    }
-  }
-  for (int k = 0; k < KK; ++k)
-    for (int v = 0; v < NV; ++v) vstore(A + k * CP + c0 + 16 * v, acc[k][v]);
-}
-
-VOS_GMM_INLINE float sq_norm16(const float* a, int64_t n16) {  // n16 a multiple of 16
-  v16f acc = v16f{};
-  for (int64_t c = 0; c < n16; c += 16) {
-    const v16f v = vload(a + c);
-    acc += v * v;
-  }
-  float s = acc[0];
-  for (int u = 1; u < 16; ++u) s += acc[u];
-  return s;
-}
-
-template <int KK>
-VOS_GMM_INLINE void em_small_run(const float* x, const float* mask, float* mu, float* h, float* resp, int64_t N,
-                                 int64_t C, int64_t iters, float kappa, bool normalize, float* w,
-                                 const float* next) {
-  const SmallEmLayout L(N, C, KK);
-  const int64_t P = L.P, CP = L.CP;
-  float* xt = w + L.xt;
-  float* mt = w + L.mt;
-  float* zp = w + L.zp;
-  float* A = w + L.A;
-  float* mv = w + L.mv;
-  float* S = w + L.S;
-  // pack xᵀ panels, the mask, the padded row-major copy, μᵀ
-  const int64_t C16 = C / 16 * 16;
-  for (int64_t p = 0; p < P; ++p) {
-    float* d = xt + p * C * 16;
-    const int64_t m = std::min<int64_t>(16, N - p * 16);
-    const float* src = x + p * 16 * C;
-    for (int64_t c0 = 0; c0 < C16; c0 += 16) {
-      v16f r[16];
-      for (int64_t u = 0; u < 16; ++u) r[u] = u < m ? vload(src + u * C + c0) : v16f{};
-      transpose16(r);
-      for (int t = 0; t < 16; ++t) vstore(d + (c0 + t) * 16, r[t]);
-    }
-    for (int64_t u = 0; u < 16; ++u)
-      for (int64_t c = C16; c < C; ++c) d[c * 16 + u] = u < m ? src[u * C + c] : 0.0f;
-    for (int64_t u = 0; u < 16; ++u) {
-      const int64_t j = p * 16 + u;
-      mv[j] = u >= m ? 0.0f : (mask != nullptr ? mask[j] : 1.0f);
-    }
-  }
-  const float* xr = x;
-  if (CP != C) {
-    float* xp = w + L.xr;
-    for (int64_t j = 0; j < N; ++j) {
-      for (int64_t c = 0; c < C; ++c) xp[j * CP + c] = x[j * C + c];
-      for (int64_t c = C; c < CP; ++c) xp[j * CP + c] = 0.0f;
-    }
-    xr = xp;
-  }
-  for (int64_t k = 0; k < KK; ++k)
-    for (int64_t c = 0; c < C; ++c) mt[c * KK + k] = mu[k * C + c];
-  constexpr int NV = KK <= 5 ? 4 : (KK <= 10 ? 2 : 1);
-  const int64_t lines = (N * C * int64_t(sizeof(float)) + 63) / 64;
-  const int64_t per = (lines + iters * P - 1) / (iters * P);
-  int64_t pf = 0;
-  for (int64_t it = 0; it < iters; ++it) {
-    std::fill(S, S + KK * 16, 0.0f);
-    for (int64_t p = 0; p < P; ++p) {
-      em_small_estep<KK>(xt + p * C * 16, mt, C, h, kappa, mv + p * 16, zp + p * KK * 16, S);
-      if (next != nullptr) {  // the next problem's x into L2, spread over all the panels
-        const int64_t l1 = std::min(lines, pf + per);
-        for (; pf < l1; ++pf) __builtin_prefetch(reinterpret_cast<const char*>(next) + pf * 64, 0, 2);
-      }
-    }
-    if (it == iters - 1) {
-      for (int64_t j = 0; j < N; ++j)
-        for (int64_t k = 0; k < KK; ++k) resp[j * KK + k] = zp[(j / 16) * KK * 16 + k * 16 + j % 16];
-    }
-    int64_t c0 = 0;
-    for (; c0 + 16 * NV <= CP; c0 += 16 * NV) em_small_mstep<KK, NV>(zp, xr, CP, N, c0, A, CP);
-    for (; c0 < CP; c0 += 16) em_small_mstep<KK, 1>(zp, xr, CP, N, c0, A, CP);
-    for (int64_t k = 0; k < KK; ++k) {
-      float s = S[k * 16];
-      for (int u = 1; u < 16; ++u) s += S[k * 16 + u];
-      float* a = A + k * CP;
-      const v16f den = splat(1e-6f + s);
-      for (int64_t c = 0; c < CP; c += 16) vstore(a + c, vload(a + c) / den);
-      if (normalize) {
-        const v16f nd = splat(1e-6f + std::sqrt(sq_norm16(a, CP)));
-        for (int64_t c = 0; c < CP; c += 16) vstore(a + c, vload(a + c) / nd);
-      }
-      if (h != nullptr) h[k] = kappa / 2.0f * sq_norm16(a, CP);
-      for (int64_t c = 0; c < C; ++c) mt[c * KK + k] = a[c];
-    }
-  }
-  for (int64_t k = 0; k < KK; ++k)
-    for (int64_t c = 0; c < C; ++c) mu[k * C + c] = A[k * CP + c];
-}
-
-VOS_GMM_CLONES void em_small_problem_f32(const float* x, const float* mask, float* mu, float* h, float* resp,
-                                         int64_t N, int64_t C, int64_t K, int64_t iters, float kappa, bool normalize,
-                                         float* w, const float* next) {
-  switch (K) {
-#define VOS_GMM_SMALL_CASE(k) \
-  case k:                     \
-    em_small_run<k>(x, mask, mu, h, resp, N, C, iters, kappa, normalize, w, next); \
-    break;
-    VOS_GMM_SMALL_CASE(1) VOS_GMM_SMALL_CASE(2) VOS_GMM_SMALL_CASE(3) VOS_GMM_SMALL_CASE(4)
-    VOS_GMM_SMALL_CASE(5) VOS_GMM_SMALL_CASE(6) VOS_GMM_SMALL_CASE(7) VOS_GMM_SMALL_CASE(8)
-    VOS_GMM_SMALL_CASE(9) VOS_GMM_SMALL_CASE(10) VOS_GMM_SMALL_CASE(11) VOS_GMM_SMALL_CASE(12)
-    VOS_GMM_SMALL_CASE(13) VOS_GMM_SMALL_CASE(14) VOS_GMM_SMALL_CASE(15) VOS_GMM_SMALL_CASE(16)
-#undef VOS_GMM_SMALL_CASE
-    default:
-      TORCH_CHECK(false, "gmm_em: small-K path called with K = ", K);
-  }
-}
-
 std::tuple<Tensor, Tensor> gmm_em_impl(const Tensor& x_in, const Tensor& means_in, int64_t num_iters, double kappa,
                                        const std::optional<Tensor>& mask_in, int64_t kernel, bool normalize_means) {
   TORCH_CHECK(x_in.dim() == 3, "gmm_em: expected x [B,N,C], got ", x_in.sizes());
@@ -657,7 +389,7 @@ std::tuple<Tensor, Tensor> gmm_em_impl(const Tensor& x_in, const Tensor& means_i
   AT_DISPATCH_FLOATING_TYPES(st, "gmm_em_cpu", [&] {
     using T = scalar_t;
     if constexpr (std::is_same_v<T, float>) {
-      if (em_small_path(st, N, C, K)) {
+      if (gmm_small::em_small_path(true, N, C, K)) {
         std::vector<float> h(kernel == 1 ? B * K : 0);
         float* mup = mu.data_ptr<float>();
         const float kap = static_cast<float>(kappa);
@@ -665,15 +397,16 @@ std::tuple<Tensor, Tensor> gmm_em_impl(const Tensor& x_in, const Tensor& means_i
         const float* xp = x.data_ptr<float>();
         const float* mp = mask.defined() ? mask.data_ptr<float>() : nullptr;
         float* rp = resp.data_ptr<float>();
-        const SmallEmLayout L(N, C, K);
+        const gmm_small::SmallEmLayout L(N, C, K);
         at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
           std::vector<float> work(L.total + 16);
           float* w = work.data();
           w += (16 - (reinterpret_cast<uintptr_t>(w) / sizeof(float)) % 16) % 16;  // 64-byte aligned
           for (int64_t b = b0; b < b1; ++b)
-            em_small_problem_f32(xp + b * N * C, mp != nullptr ? mp + b * N : nullptr, mup + b * K * C,
-                                 kernel == 1 ? h.data() + b * K : nullptr, rp + b * N * K, N, C, K, num_iters, kap,
-                                 normalize_means, w, b + 1 < b1 ? xp + (b + 1) * N * C : nullptr);
+            gmm_small::em_small_problem_f32(xp + b * N * C, mp != nullptr ? mp + b * N : nullptr, mup + b * K * C,
+                                            kernel == 1 ? h.data() + b * K : nullptr, rp + b * N * K, N, C, K,
+                                            num_iters, kap, normalize_means, w,
+                                            b + 1 < b1 ? xp + (b + 1) * N * C : nullptr);
         });
         return;
       }
