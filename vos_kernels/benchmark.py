@@ -19,6 +19,12 @@ to ``--out``:
 * ``speedup_memory.png``: speedup and peak extra memory per case, and the scaling sweep
   (time and memory vs pixels), log scales.
 
+``results.json`` and ``results.md`` are rewritten after every case, so a run cut off by a
+time limit keeps the cases it finished; ``--resume`` then runs only the selected cases
+that ``--out`` does not hold yet (or that ended in an error) and keeps the others, which is
+how a suite longer than one GPU lease call is measured in several calls. It refuses to
+mix runs with other settings or another device.
+
 Method
 ------
 Time: one warm-up call (its outputs are the ones checked), then: a call slower than
@@ -48,6 +54,7 @@ Usage::
     python -m vos_kernels.benchmark                      # full suite, CPU
     python -m vos_kernels.benchmark --quick              # tiny sizes, seconds
     python -m vos_kernels.benchmark --cases 'global/*' --device cuda
+    python -m vos_kernels.benchmark --device cuda --out DIR --resume   # go on where DIR stopped
     python benchmarks/run.py --list
 """
 from __future__ import annotations
@@ -867,7 +874,8 @@ def environment(device: torch.device, threads: int) -> dict:
         vos_kernels=_version("vos_kernels") or "in-place build",
         python=platform.python_version(),
         platform=platform.platform(),
-        git_commit=_git("rev-parse", "HEAD") or "unknown",
+        # VOS_KERNELS_GIT_COMMIT: where the tree is a copy without .git (a lent GPU machine)
+        git_commit=_git("rev-parse", "HEAD") or os.environ.get("VOS_KERNELS_GIT_COMMIT") or "unknown",
         git_dirty=bool(status) if status is not None else None,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         load_average_at_start=_load_average(),
@@ -934,6 +942,9 @@ def markdown(results: dict) -> str:
     first = results["cases"][0]["fused"].get("backend", "fused") if results["cases"] else "fused"
     head_alt = "".join(f" | {b} ms (speedup) | {b} max error" for b in alt_names)
     head += f" Fused backend: {first}."
+    commits = sorted({c["git_commit"][:12] for c in results["cases"] if c.get("git_commit")})
+    if len(commits) > 1:
+        head += f" Cases measured in {len(results.get('runs', []))} runs, commits {', '.join(commits)}."
     rows = ["| case | sizes | fused ms | reference ms | speedup | fused extra MiB | reference extra MiB "
             "| memory ratio % | max error" + (" | fused GFLOP/s | % TF32 mm | % fp32 mm | % copy" if cuda else "")
             + head_alt + " |",
@@ -1074,6 +1085,49 @@ def _progress(i: int, n: int, c: dict, seconds: float) -> str:
 
 
 # ------------------------------------------------------------------------------ main
+def _has_error(c: dict) -> bool:
+    return "error" in (c["fused"].get("status"), c["reference"].get("status"))
+
+
+# Settings that must match for --resume to add cases to an earlier run's results.
+RESUME_KEYS = ("quick", "repeats", "min_run_time", "seed", "max_reference_gib", "memory", "reference_error",
+               "ignore_fraction", "bias", "reference_n_chunks", "backends", "float32_matmul_precision")
+
+
+def resumable(path: str, results: dict) -> dict:
+    """The earlier results at `path`, if this run may add to them; ValueError says why not."""
+    try:
+        with open(path) as f:
+            previous = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from exc
+    if previous.get("schema") != results["schema"] or not isinstance(previous.get("cases"), list):
+        raise ValueError(f"{path} is not a results file of this harness (schema {previous.get('schema')!r})")
+    env, now = previous.get("environment", {}), results["environment"]
+    for key in ("device", "device_name", "threads"):
+        if env.get(key) != now[key]:
+            raise ValueError(f"{path} was measured with {key} = {env.get(key)!r}, this run has {now[key]!r}; "
+                             "use another --out")
+    old = previous.get("settings", {})
+    for key in RESUME_KEYS:
+        if _json_safe(old.get(key)) != _json_safe(results["settings"][key]):
+            raise ValueError(f"{path} was measured with {key} = {old.get(key)!r}, this run has "
+                             f"{results['settings'][key]!r}; use the same options or another --out")
+    return previous
+
+
+def write_results(results: dict, out_dir: str) -> str:
+    """results.json and results.md into out_dir; returns the markdown table."""
+    tmp = os.path.join(out_dir, "results.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(_json_safe(results), f, indent=2, allow_nan=False)
+    os.replace(tmp, os.path.join(out_dir, "results.json"))
+    table = markdown(results)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write(table)
+    return table
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vos_kernels.benchmark", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1094,6 +1148,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the reference where its estimated peak exceeds this (default 16)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--no-reference-error", action="store_true", help="skip the float64 error check")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the cases already in OUT/results.json (same device and settings) and run only the "
+                        "selected cases it lacks or that ended in an error")
     p.add_argument("--_memory-worker", dest="memory_worker", metavar="SPEC", help=argparse.SUPPRESS)
     return p
 
@@ -1140,35 +1197,57 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  bias=[BIAS_BG, BIAS_FG], reference_n_chunks=REFERENCE_CHUNKS,
                                  backends=list(s.backends) or [fused_backend(device)],
                                  float32_matmul_precision=torch.get_float32_matmul_precision()),
-                   peers=peers(), ceilings=None, cases=[])
+                   peers=peers(), ceilings=None, cases=[], runs=[])
+    json_path = os.path.join(out_dir, "results.json")
+    if args.resume and os.path.exists(json_path):
+        try:
+            previous = resumable(json_path, results)
+        except ValueError as exc:
+            print(f"--resume: {exc}", file=sys.stderr)
+            return 2
+        results.update(environment=previous["environment"], ceilings=previous.get("ceilings"),
+                       runs=previous.get("runs", []), cases=previous["cases"])
+        results["settings"]["cases"] = previous["settings"].get("cases")
+        done = {c["name"] for c in results["cases"] if not _has_error(c)}
+        results["cases"] = [c for c in results["cases"] if c["name"] in done]
+        kept = len(cases)
+        cases = [c for c in cases if c.name not in done]
+        print(f"--resume: {len(done)} case(s) kept from {json_path}; {len(cases)} of the {kept} selected to run",
+              flush=True)
+    env_now = environment(device, threads)
+    results["runs"].append(dict(date=env_now["date"], git_commit=env_now["git_commit"],
+                                git_dirty=env_now["git_dirty"], cases_pattern=args.cases,
+                                cases=[c.name for c in cases]))
     print(f"vos_kernels benchmark: {len(cases)} case(s) on {results['environment']['device_name']}, "
           f"{threads} thread(s) -> {out_dir}", flush=True)
-    load = results["environment"]["load_average_at_start"]
+    load = env_now["load_average_at_start"]
     if device.type == "cpu" and load and load[0] > 0.5:
         print(f"warning: load average {load[0]} before the run: other processes share the cores, "
               "CPU timings will be noisy", flush=True)
-    s.ceilings = results["ceilings"] = measure_ceilings(device, threads, args.quick)
+    if results["ceilings"] is None:
+        results["ceilings"] = measure_ceilings(device, threads, args.quick)
+    s.ceilings = results["ceilings"]
     print(f"ceilings: matmul {s.ceilings['matmul']['gflops']:.4g} GFLOP/s, "
           f"copy {s.ceilings['copy']['gbytes_per_s']:.4g} GB/s", flush=True)
+    order = {c.name: i for i, c in enumerate(FULL_CASES + QUICK_CASES)}
     for i, case in enumerate(cases, 1):
         t0 = time.perf_counter()
         print(f"[{i}/{len(cases)}] {case.name} ({case.sizes()}) ...", flush=True)
         record = run_case(case, s)
+        record["git_commit"] = env_now["git_commit"]
         results["cases"].append(record)
+        results["cases"].sort(key=lambda c: order.get(c["name"], len(order)))
+        write_results(results, out_dir)  # after every case: a run cut off keeps what it measured
         print(_progress(i, len(cases), record, time.perf_counter() - t0), flush=True)
         gc.collect()
 
     results["environment"]["load_average_at_end"] = _load_average()
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(_json_safe(results), f, indent=2, allow_nan=False)
-    table = markdown(results)
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(table)
+    table = write_results(results, out_dir)
     plot(results, os.path.join(out_dir, "speedup_memory.png"))
     print()
     print(table)
     print(f"wrote {out_dir}/results.json, results.md, speedup_memory.png")
-    errors = [c["name"] for c in results["cases"] if "error" in (c["fused"]["status"], c["reference"]["status"])]
+    errors = [c["name"] for c in results["cases"] if _has_error(c)]
     if errors:
         print(f"errors (see results.json): {', '.join(errors)}", file=sys.stderr)
     return 1 if errors else 0
