@@ -131,3 +131,123 @@ def test_gmm_kernels_compile_for_sm90(tmp_path):
         pytest.skip("this triton install has no ptxas")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "ALL 32" in proc.stdout
+
+
+# CFBI matching (vos_kernels/triton/matching.py): the five kernels with the constexprs,
+# warps and stages their launchers pass on the GPU, and the argument specialisation a real
+# launch produces (int == 1 -> constexpr 1, ints otherwise i32 with tt.divisibility 16 when
+# divisible by 16, 16-byte aligned pointers). Query / reference / previous share one dtype
+# (the public wrappers check it). Global kernel: DOT_MODE 0 / 1 (fp32 exact / allow_tf32),
+# 2 (fp16, bf16), 3 (bf16 upcast, produced only under the interpreter; compiled anyway);
+# C <= 128 in one chunk (BLOCK_C = max(16, next_pow2(C))), above in chunks of 16 (IEEE)
+# or 64 (tensor cores). Multi-local: LG = max(1, min(L, 64 // K)), LK_PAD = next_pow2(LG*K),
+# BLOCK_C = next_pow2(C) (no minimum) or 64-chunks above 128. Pooling / backward:
+# BLOCK_C = min(next_pow2(C), 64). BLOCK_P / BLOCK of the interpreter compiled once too.
+MATCHING_SCRIPT = r'''
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from vos_kernels.triton import matching as tm
+
+target = GPUTarget("cuda", 90, 32)
+D16 = [["tt.divisibility", 16]]
+
+
+def p2(n):
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def spec(fn, ptrs, ints, cx):
+    """(signature, constexprs, attrs) as the JIT builds them for these arguments."""
+    sig, consts, attrs = {}, dict(cx), {}
+    for i, name in enumerate(fn.arg_names):
+        if name in ptrs:
+            sig[name] = "*" + ptrs[name]
+            attrs[(i,)] = D16
+        elif name in ints:
+            v = ints[name]
+            if v == 1:
+                sig[name] = "constexpr"
+                consts[name] = 1
+                continue
+            sig[name] = "i32" if -2**31 <= v < 2**31 else "i64"
+            if v % 16 == 0:
+                attrs[(i,)] = D16
+        else:
+            assert name in cx, name
+            sig[name] = "constexpr"
+    return sig, consts, attrs
+
+
+jobs = []   # (fn, dtype, sig, constexprs, attrs, num_warps, num_stages)
+
+
+def add(fn, dt, ptrs, ints, cx, warps, stages=3):
+    jobs.append((fn, dt) + spec(fn, ptrs, ints, cx) + (warps, stages))
+
+
+# global matching: (C, Nq, L, BLOCK_M, BLOCK_N, WRITE_FG)
+GLOBAL_SHAPES = ((100, 1620, 3, 64, 64, True), (256, 4096, 8, 64, 64, False), (8, 100, 1, 64, 64, True),
+                 (64, 2048, 2, 128, 32, False), (32, 960, 4, 16, 16, True))
+for dt, mode in (("fp32", 0), ("fp32", 1), ("fp16", 2), ("bf16", 2), ("bf16", 3)):
+    for C, Nq, L, bm, bn, fg in GLOBAL_SHAPES[:2] if mode == 3 else GLOBAL_SHAPES[:4] if mode else GLOBAL_SHAPES:
+        chunk = 16 if mode in (0, 3) else 64
+        bc, nch = (max(16, p2(C)), 1) if max(16, p2(C)) <= 128 else (chunk, -(-C // chunk))
+        add(tm._global_min_kernel, dt,
+            dict(q_ptr=dt, r_ptr=dt, ridx_ptr="i32", seg_ptr="i64", bias_ptr="fp32", out_ptr="fp32", idx_ptr="i64"),
+            dict(Nq=Nq, C=C, L=L),
+            dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc, NUM_C_CHUNKS=nch, DOT_MODE=mode, WRITE_FG=fg), 8, 2)
+# bg epilogue (fp32 only): (BLOCK, L, S)
+for block, L, S in ((256, 3, 1620), (256, 1, 4096), (1024, 5, 100)):
+    add(tm._bg_kernel, "fp32", dict(fg_ptr="fp32", bg_ptr="fp32"), dict(L=L, S=S), dict(BLOCK=block), 4)
+# multi-local matching: (H, W, C, L, windows, rate, BLOCK_P)
+LOCAL_SHAPES = ((30, 54, 100, 3, (4, 8, 12), 1, 32), (64, 64, 256, 11, (2, 4, 6, 8, 10, 12), 2, 32),
+                (16, 16, 3, 1, (1,), 1, 32), (24, 40, 64, 20, (3, 5, 7, 9, 11), 1, 128))
+for dt in ("fp32", "fp16", "bf16"):
+    for H, W, C, L, wins, rate, bp in LOCAL_SHAPES if dt == "fp32" else LOCAL_SHAPES[:3]:
+        K = len(wins)
+        LG = max(1, min(L, 64 // K))
+        bc, nch = (p2(C), 1) if p2(C) <= 128 else (64, -(-C // 64))
+        R = min(max(wins) // rate, (max(H, W) - 1) // rate)
+        add(tm._local_kernel, dt,
+            dict(q_ptr=dt, p_ptr=dt, lab_ptr="i32", win_ptr="i32", bias_ptr="fp32", fg_ptr="fp32", idx_ptr="i64"),
+            dict(H=H, W=W, C=C, L=L, R=R, rate=rate),
+            dict(K=K, LG=LG, LK_PAD=p2(LG * K), BLOCK_P=bp, BLOCK_C=bc, NUM_C_CHUNKS=nch), 8, 2)
+# instance pooling: (N, C, L, BLOCK_P)
+POOL_SHAPES = ((1620, 100, 3, 32), (4096, 1, 2, 32), (960, 32, 8, 32), (100, 20, 2, 256))
+for dt in ("fp32", "fp16", "bf16"):
+    for N, C, L, bp in POOL_SHAPES if dt == "fp32" else POOL_SHAPES[:2]:
+        add(tm._pool_kernel, dt, dict(e_ptr=dt, lab_ptr="i32", out_ptr="fp32"), dict(N=N, C=C, L=L),
+            dict(BLOCK_P=bp, BLOCK_C=min(p2(C), 64)), 4)
+# nearest-distance backward: (M, Nq, Nr, C, BLOCK_P)
+BWD_SHAPES = ((3, 1620, 4860, 100, 32), (1, 4096, 4096, 8, 32), (6, 100, 100, 20, 128))
+for dt in ("fp32", "fp16", "bf16"):
+    for M, Nq, Nr, C, bp in BWD_SHAPES if dt == "fp32" else BWD_SHAPES[:2]:
+        add(tm._nearest_bwd_kernel, dt,
+            dict(g_ptr="fp32", q_ptr=dt, r_ptr=dt, idx_ptr="i64", gq_ptr="fp32", gr_ptr="fp32"),
+            dict(M=M, Nq=Nq, Nr=Nr, C=C), dict(BLOCK_P=bp, BLOCK_C=min(p2(C), 64)), 8)
+
+failed = []
+for fn, dt, s, cx, attrs, warps, stages in jobs:
+    try:
+        kernel = triton.compile(ASTSource(fn, s, constexprs=cx, attrs=attrs), target=target,
+                                options={"num_warps": warps, "num_stages": stages})
+        assert len(kernel.asm["cubin"]) > 0
+        print("compiled", fn.__name__, dt, cx, flush=True)
+    except Exception as exc:  # report every failing configuration, not just the first
+        failed.append(fn.__name__)
+        print("FAILED", fn.__name__, dt, s, cx, type(exc).__name__, str(exc)[-1500:], flush=True)
+assert not failed, failed
+print("ALL", len(jobs), "triton", triton.__version__)
+'''
+
+
+def test_matching_kernels_compile_for_sm90(tmp_path):
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "cache"),
+               TRITON_DEFAULT_FP_FUSION="1")
+    proc = subprocess.run([sys.executable, "-c", MATCHING_SCRIPT],
+                          capture_output=True, text=True, env=env, timeout=600)
+    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
+        pytest.skip("this triton install has no ptxas")
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-4000:]
+    assert "ALL 47" in proc.stdout

@@ -266,17 +266,22 @@ def _bg_kernel(
     v1 = tl.full([BLOCK], float("inf"), tl.float32)
     m1 = tl.full([BLOCK], -1, tl.int32)
     v2 = tl.full([BLOCK], 1.0, tl.float32)
+    # label planes by pointer steps of S: no i32 product lab * S (it would wrap at L·S ≥ 2³¹)
+    p = fg_ptr + base
     for lab in range(L):
-        v = tl.load(fg_ptr + base + lab * S, mask=mask, other=1.0)
+        v = tl.load(p, mask=mask, other=1.0)
+        p += S
         before1 = ((v != v) & (v1 == v1)) | (v < v1)
         before2 = ((v != v) & (v2 == v2)) | (v < v2)
         old1_before2 = ((v1 != v1) & (v2 == v2)) | (v1 < v2)
         v2 = tl.where(before1, tl.where(old1_before2, v1, v2), tl.where(before2, v, v2))
         m1 = tl.where(before1, lab, m1)
         v1 = tl.where(before1, v, v1)
+    p = bg_ptr + base
     for lab in range(L):
         out = tl.where(m1 == lab, v2, v1)
-        tl.store(bg_ptr + base + lab * S, out, mask=mask)
+        tl.store(p, out, mask=mask)
+        p += S
 
 
 def _bg_from_fg(fg: torch.Tensor) -> torch.Tensor:
