@@ -14,6 +14,18 @@ import pytest
 pytest.importorskip("triton")
 pytest.importorskip("triton.backends.nvidia")
 
+
+def compile_in_subprocess(script: str, tmp_path, expected: int) -> None:
+    """Runs a compile script without the interpreter (conftest.py sets TRITON_INTERPRET) and
+    checks that it compiled `expected` kernels; skips where Triton has no ptxas."""
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "cache"),
+               TRITON_DEFAULT_FP_FUSION="1")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
+        pytest.skip("this triton install has no ptxas")
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-4000:]
+    assert f"ALL {expected}" in proc.stdout
+
 SCRIPT = r'''
 import sys
 import triton
@@ -50,14 +62,7 @@ print("ALL", len(jobs))
 
 
 def test_topk_read_kernels_compile_for_sm90(tmp_path):
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "cache"),
-               TRITON_DEFAULT_FP_FUSION="1")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT],
-                          capture_output=True, text=True, env=env, timeout=600)
-    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
-        pytest.skip("this triton install has no ptxas")
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "ALL 21" in proc.stdout
+    compile_in_subprocess(SCRIPT, tmp_path, 21)
 
 
 # GMM prototypes and A-GAME Gaussians (vos_kernels/triton/gmm.py): every kernel in each
@@ -123,14 +128,7 @@ print("ALL", len(jobs))
 
 
 def test_gmm_kernels_compile_for_sm90(tmp_path):
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "cache"),
-               TRITON_DEFAULT_FP_FUSION="1")
-    proc = subprocess.run([sys.executable, "-c", GMM_SCRIPT],
-                          capture_output=True, text=True, env=env, timeout=600)
-    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
-        pytest.skip("this triton install has no ptxas")
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "ALL 32" in proc.stdout
+    compile_in_subprocess(GMM_SCRIPT, tmp_path, 32)
 
 
 # CFBI matching (vos_kernels/triton/matching.py): the five kernels with the constexprs,
@@ -243,11 +241,4 @@ print("ALL", len(jobs), "triton", triton.__version__)
 
 
 def test_matching_kernels_compile_for_sm90(tmp_path):
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "cache"),
-               TRITON_DEFAULT_FP_FUSION="1")
-    proc = subprocess.run([sys.executable, "-c", MATCHING_SCRIPT],
-                          capture_output=True, text=True, env=env, timeout=600)
-    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
-        pytest.skip("this triton install has no ptxas")
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-4000:]
-    assert "ALL 47" in proc.stdout
+    compile_in_subprocess(MATCHING_SCRIPT, tmp_path, 47)
