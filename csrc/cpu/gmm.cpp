@@ -111,16 +111,7 @@ VOS_GMM_INLINE float exp_approx(float x) {
   const float y = x * 1.44269504088896341f + 12582912.0f;  // 1.5·2²³: round to nearest
   const float fx = y - 12582912.0f;
   const int32_t n = std::bit_cast<int32_t>(y) - 0x4B400000;
-  float r = x - fx * 0.693359375f;
-  r = r - fx * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  return p * std::bit_cast<float>(static_cast<int32_t>(static_cast<uint32_t>(n + 127) << 23));
+  return gmm_small::exp_poly(x, fx) * std::bit_cast<float>(static_cast<int32_t>(static_cast<uint32_t>(n + 127) << 23));
 }
 VOS_GMM_INLINE double exp_approx(double x) { return std::exp(x); }
 

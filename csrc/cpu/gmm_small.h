@@ -26,6 +26,23 @@ namespace vos_kernels {
 namespace cpu {
 namespace gmm_small {
 
+// The reduced argument and the polynomial of exp_approx (gmm.cpp) for a float, and of its
+// 16-lane version exp_v (below) for a vector: r = x - fx*ln2 in two parts, p(r) ~ e^r
+// (Cephes expf coefficients); the caller multiplies by 2^n. The same operations in the same
+// order for both types, so the two give the same bits.
+template <typename V>
+VOS_GMM_INLINE V exp_poly(V x, V fx) {
+  V r = x - fx * 0.693359375f;
+  r = r - fx * -2.12194440e-4f;
+  V p = V{} + 1.9875691500e-4f;  // 0 + c: exactly c, as a scalar or in every lane
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  return p * (r * r) + r + 1.0f;
+}
+
 constexpr int64_t kSmallMaxK = 16;
 constexpr int64_t kSmallMaxNC = 65536;  // x of a problem <= 256 KiB: one tile of the BLAS path
 constexpr int64_t kSmallMaxN = 768;     // <= 3 tiles of 256 rows: G = 1 on the BLAS path too, so
@@ -118,16 +135,7 @@ VOS_GMM_INLINE v16f exp_v(v16f x) {
   const v16f y = x * 1.44269504088896341f + 12582912.0f;
   const v16f fx = y - 12582912.0f;
   const v16i n = (v16i)y - 0x4B400000;
-  v16f r = x - fx * 0.693359375f;
-  r = r - fx * -2.12194440e-4f;
-  v16f p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  return p * (v16f)((v16u)(n + 127) << 23);
+  return exp_poly(x, fx) * (v16f)((v16u)(n + 127) << 23);
 }
 
 // In-register 16 × 16 transpose: four stages, stage b swaps bit b of the row and lane index.
