@@ -362,7 +362,8 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
     }
 
-    bool any = false;
+    // pend: this lane's accumulator slots above its query's current k'-th score
+    unsigned long long pend = 0ull;
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
@@ -371,26 +372,12 @@ __global__ void __launch_bounds__(kThreads, 2)
         for (int h = 0; h < 2; ++h)
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
+            const int slot = ((mt * 8 + nt) * 2 + h) * 2 + c;
             const float s = acc[mt][nt][h * 2 + c];
             const bool valid = n0 + nt * 8 + 2 * t + c < n_hi;
-            any |= valid && !(s <= thr[mt][h]);
+            if (valid && !(s <= thr[mt][h])) pend |= 1ull << slot;
           }
-
-    if (__any_sync(kFull, any)) {
-      unsigned long long pend = 0ull;
-#pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-          for (int h = 0; h < 2; ++h)
-#pragma unroll
-            for (int c = 0; c < 2; ++c) {
-              const int slot = ((mt * 8 + nt) * 2 + h) * 2 + c;
-              const float s = acc[mt][nt][h * 2 + c];
-              const bool valid = n0 + nt * 8 + 2 * t + c < n_hi;
-              if (valid && !(s <= thr[mt][h])) pend |= 1ull << slot;
-            }
+    if (__any_sync(kFull, pend != 0ull)) {
       while (true) {
         // candidates into the per-query buckets (those no longer above the list's k'-th
         // key are dropped; those that find the bucket full wait for the next round)
