@@ -1,5 +1,6 @@
-// Element loads shared by the EM and prototype kernels (torch-free): conversion of an
-// input element to its accumulation type, 4-wide vector loads from shared memory.
+// Element loads and stores shared by the EM and prototype kernels (torch-free): conversion
+// of an input element to its accumulation type, 4-wide vector loads from shared memory,
+// 4-wide stores at the end of a row.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -34,6 +35,19 @@ __device__ __forceinline__ void ld4(const double* p, double (&v)[4]) {
   v[1] = a.y;
   v[2] = b.x;
   v[3] = b.y;
+}
+
+// v[0..4) into dst[0..4), of which the first `valid` lie inside the row (none if valid ≤ 0):
+// one 16-byte store when `vec` (the row length is a multiple of 4 and dst 16-byte aligned,
+// so a row's last group is whole), else element by element.
+__device__ __forceinline__ void st4(float* dst, const float (&v)[4], int64_t valid, bool vec) {
+  if (vec) {
+    if (valid > 0) *reinterpret_cast<float4*>(dst) = make_float4(v[0], v[1], v[2], v[3]);
+  } else {
+#pragma unroll
+    for (int p = 0; p < 4; ++p)
+      if (p < valid) dst[p] = v[p];
+  }
 }
 
 }  // namespace cuda

@@ -302,14 +302,7 @@ __global__ void __launch_bounds__(kThreads, 2) attn_kernel(const AttnArgs<Tin> a
     for (int i = 0; i < 4; ++i) {
       const int64_t row = t0 + orr + RG * i;
       if (row < t1) {
-        float* dst = a.out + (b * Nq + row) * CV + col;
-        if (vec_out) {
-          if (col < CV) *reinterpret_cast<float4*>(dst) = make_float4(o[i][0], o[i][1], o[i][2], o[i][3]);
-        } else {
-#pragma unroll
-          for (int p = 0; p < 4; ++p)
-            if (col + p < CV) dst[p] = o[i][p];
-        }
+        st4(a.out + (b * Nq + row) * CV + col, o[i], CV - col, vec_out);
       }
     }
   }
@@ -487,16 +480,8 @@ __global__ void __launch_bounds__(kThreads, 2) pv_kernel(const PvArgs<Tin> a) {
       const int64_t k = k0 + kq * 4 + u;
       if (k < K) {
         const float den = 1e-6f + Ss[kq * 4 + u];
-        float* dst = a.out + (b * K + k) * CV + col;
-        if (vec) {
-          if (col < CV)
-            *reinterpret_cast<float4*>(dst) =
-                make_float4(acc[u][0] / den, acc[u][1] / den, acc[u][2] / den, acc[u][3] / den);
-        } else {
-#pragma unroll
-          for (int p = 0; p < 4; ++p)
-            if (col + p < CV) dst[p] = acc[u][p] / den;
-        }
+        const float v[4] = {acc[u][0] / den, acc[u][1] / den, acc[u][2] / den, acc[u][3] / den};
+        st4(a.out + (b * K + k) * CV + col, v, CV - col, vec);
       }
     }
   } else {
@@ -505,14 +490,7 @@ __global__ void __launch_bounds__(kThreads, 2) pv_kernel(const PvArgs<Tin> a) {
     for (int u = 0; u < 4; ++u) {
       const int64_t k = k0 + kq * 4 + u;
       if (k < K) {
-        float* dst = a.pa + (row * K + k) * CV + col;
-        if (vec) {
-          if (col < CV) *reinterpret_cast<float4*>(dst) = make_float4(acc[u][0], acc[u][1], acc[u][2], acc[u][3]);
-        } else {
-#pragma unroll
-          for (int p = 0; p < 4; ++p)
-            if (col + p < CV) dst[p] = acc[u][p];
-        }
+        st4(a.pa + (row * K + k) * CV + col, acc[u], CV - col, vec);
         if (want_s && ch == 0) a.ps[row * K + k] = sacc[u];
       }
     }
