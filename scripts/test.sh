@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
 # The test command of the README: set-up (scripts/install.sh), then the whole test suite
-# and the pytest-benchmark cases as a smoke pass (timing disabled). Extra arguments go
-# to pytest, e.g. `bash scripts/test.sh -k global`.
+# and the pytest-benchmark cases as a smoke pass (timing disabled), then, without a GPU,
+# tests/test_cuda.py on CPU tensors. Extra arguments go to pytest, e.g.
+# `bash scripts/test.sh -k global`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 PY=${PYTHON:-python3}
 "$PY" -m pytest -q tests benchmarks --benchmark-disable "$@"
+# Without a GPU, tests/test_cuda.py skips above; run its logic once more on CPU tensors
+# (backend "cpu", same inputs, oracles and tolerances) so the GPU session's tests of
+# record are themselves tested. Skipped when arguments select tests (-k, paths).
+if [ $# -eq 0 ] && ! "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
+    VOS_CUDA_TESTS_ON_CPU=1 "$PY" -m pytest -q tests/test_cuda.py
+fi

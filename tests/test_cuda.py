@@ -24,6 +24,7 @@ import os
 import pytest
 import torch
 
+import oracle
 import vos_kernels as vk
 from vos_kernels import reference as R
 
@@ -343,14 +344,18 @@ def test_topk_ties_nan(gen, backend):
 @pytest.mark.parametrize("kernel", ["dot", "l2"])
 def test_gmm_em(gen, backend, shape, kernel):
     B, N, C, K, iters = shape
-    x = randn(gen, B, N, C)
+    x = randn(gen, B, N, C, scale=C ** -0.5)            # rows of about unit norm (PCAN features)
     mu = torch.nn.functional.normalize(randn(gen, B, K, C), dim=-1)
     mask = (torch.rand(B, N, generator=gen) > 0.3).float().to(DEV)
-    mask[-1] = 0                                        # an empty mask: means 0, not NaN
+    if B > 1:
+        mask[-1] = 0                                    # an empty mask: means 0, not NaN
     means, resp = vk.gmm_em(x, mu, iters, 20.0, mask, kernel)
-    wmeans, wresp = R.gmm_em(*cpu64(x, mu), iters, 20.0, mask.cpu().double(), kernel)
-    assert_close_rel(means, wmeans, 1.0, 2e-4, "means")
-    assert_close_rel(resp, wresp, 1.0, 2e-4, "resp")
+    if B > 1:
+        assert torch.equal(means[-1].cpu(), torch.zeros(K, C)), "empty mask: zero means"
+    # tolerance from the float64 reference's sensitivity to float32 rounding (kappa 20 and
+    # 6 iterations amplify it; a fixed 2e-4 failed ~2 % of random draws)
+    oracle.assert_within_rounding((means, resp), lambda a, b, w: R.gmm_em(a, b, iters, 20.0, w, kernel),
+                                  (x, mu, mask), C, what=f"gmm_em {kernel}")
 
 
 def test_prototype_ops(gen, backend):

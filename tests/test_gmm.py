@@ -6,6 +6,7 @@ gradients, opcheck, torch.compile, determinism and bad input."""
 import pytest
 import torch
 
+import oracle
 import vos_kernels as vk
 from vos_kernels import reference as R
 
@@ -69,12 +70,12 @@ def test_gmm_em_float32_against_float64(gen, case):
     B, N, C, K, T, kappa, kernel, norm, use_mask = case
     x, mu, m = em_inputs(gen, B, N, C, K, mask=use_mask)
     means, resp = vk.gmm_em(x, mu, T, kappa, mask=m, kernel=kernel, normalize_means=norm)
-    r_means, r_resp = R.gmm_em(x.double(), mu.double(), T, kappa, mask=None if m is None else m.double(),
-                               kernel=kernel, normalize_means=norm)
     assert means.dtype == torch.float32 and resp.dtype == torch.float32
-    tol = 2e-4 if kappa <= 20 else 2e-3   # kappa 200 amplifies float32 rounding of the logits
-    torch.testing.assert_close(means.double(), r_means, atol=tol, rtol=tol)
-    torch.testing.assert_close(resp.double(), r_resp, atol=tol, rtol=tol)
+    # tolerance from the float64 reference's sensitivity to float32 rounding (kappa 200
+    # amplifies it by ~10 over kappa 20)
+    oracle.assert_within_rounding(
+        (means, resp), lambda a, b, w: R.gmm_em(a, b, T, kappa, mask=w, kernel=kernel, normalize_means=norm),
+        (x, mu, m), C, cap=5e-2 if kappa > 20 else 1e-2, what="gmm_em")
 
 
 def test_gmm_em_empty_mask_gives_zero_means(gen):

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import oracle
 import vos_kernels as vk
 from vos_kernels import reference as R
 
@@ -162,10 +163,11 @@ def test_gmm_em_float32_and_determinism(gen):
     x, mu = randn(gen, B, N, C, dtype=torch.float32), unit_means(gen, B, K, C, dtype=torch.float32)
     mask = rand(gen, B, N, dtype=torch.float32)
     for splits in (None, 3):
-        (m, r), (m0, r0) = em_both(x, mu, 3, 5.0, mask, "dot", True, splits)
+        m, r = [t.cpu() for t in T().gmm_em(x, mu, 3, 5.0, mask, 0, True, splits=splits)]
         assert m.dtype == torch.float32 and r.dtype == torch.float32
-        torch.testing.assert_close(m.double(), m0, atol=2e-5, rtol=1e-4)
-        torch.testing.assert_close(r.double(), r0, atol=2e-5, rtol=1e-4)
+        # tolerance from the float64 reference's sensitivity to float32 rounding
+        oracle.assert_within_rounding((m, r), lambda a, b, w: R.gmm_em(a, b, 3, 5.0, w, "dot", True),
+                                      (x, mu, mask), C, what=f"gmm_em splits={splits}")
         again = T().gmm_em(x, mu, 3, 5.0, mask, 0, True, splits=splits)
         assert torch.equal(again[0].cpu(), m) and torch.equal(again[1].cpu(), r)      # bitwise reruns
 
