@@ -239,18 +239,21 @@ def rounding_sensitivity(fn, args, rel, trials=4, seed=0):
     return exact, sens
 
 
-def assert_within_rounding(got, fn, args, channels, floor=1e-5, factor=8.0, cap=1e-2, what="output"):
+def assert_within_rounding(got, fn, args, channels, floor=1e-5, factor=8.0, cap=1e-2, what="output",
+                           unit=2.0 ** -24):
     """Checks float32 outputs ``got`` (tensor or tuple) against the float64 oracle ``fn`` on
     ``args``, with a tolerance per output of ``floor + factor · sensitivity``, the
-    sensitivity measured by :func:`rounding_sensitivity` at ``rel = 2⁻²⁴·√channels`` (the
-    typical rounding error of a float32 dot product over ``channels`` terms, relative).
+    sensitivity measured by :func:`rounding_sensitivity` at ``rel = unit·√channels`` (the
+    typical rounding error of a dot product over ``channels`` terms, relative; ``unit`` is
+    the product's: 2⁻²⁴ for float32 FMAs, 2⁻²² for 3xTF32 tensor-core products, whose
+    split operands keep about 22 bits).
 
     ``factor`` 8 keeps a margin of 3 over the worst of 400 random draws of the EM tests
     (CPU float32 kernel and Triton under the interpreter, 2026-11-21). ``cap`` guards the
     test itself: inputs so ill-conditioned that the tolerance exceeds it would make the
     comparison meaningless, and fail as a test-input error."""
     got = tuple(got) if isinstance(got, (tuple, list)) else (got,)
-    exact, sens = rounding_sensitivity(fn, args, 2.0 ** -24 * channels ** 0.5)
+    exact, sens = rounding_sensitivity(fn, args, unit * channels ** 0.5)
     for i, (g, e, s) in enumerate(zip(got, exact, sens)):
         tol = floor + factor * s
         assert tol <= cap, f"{what} {i}: test inputs too ill-conditioned (tolerance {tol:.3g} > {cap})"

@@ -353,9 +353,12 @@ def test_gmm_em(gen, backend, shape, kernel):
     if B > 1:
         assert torch.equal(means[-1].cpu(), torch.zeros(K, C)), "empty mask: zero means"
     # tolerance from the float64 reference's sensitivity to float32 rounding (kappa 20 and
-    # 6 iterations amplify it; a fixed 2e-4 failed ~2 % of random draws)
+    # 6 iterations amplify it; a fixed 2e-4 failed ~2 % of random draws). The CUDA C++ EM
+    # multiplies on the tensor cores for K >= 8, C >= 32: 3xTF32 under "highest", ~22 bits.
+    tensor_cores = backend == "cuda" and DEV.type == "cuda" and K >= 8 and C >= 32
     oracle.assert_within_rounding((means, resp), lambda a, b, w: R.gmm_em(a, b, iters, 20.0, w, kernel),
-                                  (x, mu, mask), C, what=f"gmm_em {kernel}")
+                                  (x, mu, mask), C, what=f"gmm_em {kernel}",
+                                  unit=2.0 ** -22 if tensor_cores else 2.0 ** -24)
 
 
 def test_prototype_ops(gen, backend):
