@@ -208,13 +208,15 @@ def usage_of(index, weight, num_memory, hits):
 # float32 tolerances from the conditioning of the exact result
 # ----------------------------------------------------------------------------------------
 def rounding_sensitivity(fn, args, rel, trials=4, seed=0):
-    """How far rounding errors of relative size ``rel`` in the inputs move the exact result.
+    """How far rounding errors of relative size ``rel`` in the inputs move the exact result,
+    element by element.
 
     ``fn`` is a float64 oracle returning a tensor or a tuple of tensors; every floating
     tensor of ``args`` is multiplied elementwise by ``1 + rel·u``, u ~ U[-1, 1] (a fixed
     generator: the same perturbations on every call), ``trials`` times. Returns
-    ``(exact, sensitivity)``: the oracle on the unperturbed inputs (a tuple) and, per
-    output, the largest absolute change seen (a float).
+    ``(exact, sensitivity)``: the oracle on the unperturbed inputs and, per output, the
+    largest absolute change of each element over the trials (tuples of float64 tensors of
+    the outputs' shapes).
 
     Iterative ops such as EM (a soft assignment, then means, then again) amplify their
     float32 rounding by the conditioning of the input: a point almost equally close to two
@@ -230,36 +232,45 @@ def rounding_sensitivity(fn, args, rel, trials=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     args64 = [a.detach().cpu().double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
     exact = as_tuple(fn(*args64))
-    sens = [0.0] * len(exact)
+    sens = [torch.zeros_like(e) for e in exact]
     for _ in range(trials):
         moved = [a * (1 + rel * (2 * torch.rand(a.shape, generator=g, dtype=torch.float64) - 1))
                  if torch.is_tensor(a) and a.is_floating_point() else a for a in args64]
         for i, (m, e) in enumerate(zip(as_tuple(fn(*moved)), exact)):
-            sens[i] = max(sens[i], float(torch.nan_to_num((m - e).abs(), nan=0.0).max()) if e.numel() else 0.0)
-    return exact, sens
+            sens[i] = torch.maximum(sens[i], torch.nan_to_num((m - e).abs(), nan=0.0))
+    return exact, tuple(sens)
 
 
-def assert_within_rounding(got, fn, args, channels, floor=1e-5, factor=8.0, cap=1e-2, what="output",
+def assert_within_rounding(got, fn, args, channels, floor=1e-5, factor=8.0, cap=1e-3, what="output",
                            unit=2.0 ** -24):
     """Checks float32 outputs ``got`` (tensor or tuple) against the float64 oracle ``fn`` on
-    ``args``, with a tolerance per output of ``floor + factor · sensitivity``, the
-    sensitivity measured by :func:`rounding_sensitivity` at ``rel = unit·√channels`` (the
-    typical rounding error of a dot product over ``channels`` terms, relative; ``unit`` is
-    the product's: 2⁻²⁴ for float32 FMAs, 2⁻²² for 3xTF32 tensor-core products, whose
-    split operands keep about 22 bits).
+    ``args``, element by element, with the tolerance ``floor + factor · sensitivity`` of
+    that element, the sensitivity measured by :func:`rounding_sensitivity` at
+    ``rel = unit·√channels`` (the typical rounding error of a dot product over ``channels``
+    terms, relative; ``unit`` is the product's: 2⁻²⁴ for float32 FMAs, 2⁻²² for 3xTF32
+    tensor-core products, whose split operands keep about 22 bits).
 
-    ``factor`` 8 keeps a margin of 3 over the worst of 400 random draws of the EM tests
-    (CPU float32 kernel and Triton under the interpreter, 2026-11-21). ``cap`` guards the
-    test itself: inputs so ill-conditioned that the tolerance exceeds it would make the
-    comparison meaningless, and fail as a test-input error."""
+    ``factor`` 8 keeps a margin of 3 over the worst element of 300 random draws of each EM
+    test (CPU float32 kernel and Triton under the interpreter, 2026-11-21). Ill-conditioning
+    is local (points near a decision boundary), so per-element tolerances stay near
+    ``floor`` elsewhere; ``cap`` guards the test itself: if the median tolerance of an
+    output exceeds it, the inputs are too ill-conditioned for the comparison to mean much,
+    and the test fails as a test-input error."""
     got = tuple(got) if isinstance(got, (tuple, list)) else (got,)
     exact, sens = rounding_sensitivity(fn, args, unit * channels ** 0.5)
     for i, (g, e, s) in enumerate(zip(got, exact, sens)):
-        tol = floor + factor * s
-        assert tol <= cap, f"{what} {i}: test inputs too ill-conditioned (tolerance {tol:.3g} > {cap})"
         assert g.shape == e.shape, (what, i, g.shape, e.shape)
+        tol = floor + factor * s
+        if tol.numel():
+            assert float(tol.median()) <= cap, (f"{what} {i}: test inputs too ill-conditioned (median tolerance "
+                                                f"{float(tol.median()):.3g} > {cap})")
         g = g.detach().cpu().double()
         err = torch.where(torch.isnan(g) & torch.isnan(e), torch.zeros_like(e), (g - e).abs())
         err = torch.nan_to_num(err, nan=float("inf"))            # NaN on one side only fails
-        assert not (err > tol).any(), (f"{what} {i}: max error {float(err.max()):.3g} > tolerance {tol:.3g} "
-                                       f"(floor {floor} + {factor} x rounding sensitivity {s:.3g})")
+        bad = err > tol
+        if bad.any():
+            j = int(torch.argmax((err / tol).flatten()))
+            raise AssertionError(
+                f"{what} {i}: {int(bad.sum())} of {bad.numel()} elements off; worst at flat index {j}: "
+                f"error {float(err.flatten()[j]):.3g} > tolerance {float(tol.flatten()[j]):.3g} "
+                f"(floor {floor} + {factor} x rounding sensitivity {float(s.flatten()[j]):.3g})")

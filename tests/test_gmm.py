@@ -71,11 +71,11 @@ def test_gmm_em_float32_against_float64(gen, case):
     x, mu, m = em_inputs(gen, B, N, C, K, mask=use_mask)
     means, resp = vk.gmm_em(x, mu, T, kappa, mask=m, kernel=kernel, normalize_means=norm)
     assert means.dtype == torch.float32 and resp.dtype == torch.float32
-    # tolerance from the float64 reference's sensitivity to float32 rounding (kappa 200
-    # amplifies it by ~10 over kappa 20)
+    # tolerance from the float64 reference's sensitivity to float32 rounding, per element
+    # (kappa 200 amplifies it by ~10 over kappa 20 near the decision boundaries)
     oracle.assert_within_rounding(
         (means, resp), lambda a, b, w: R.gmm_em(a, b, T, kappa, mask=w, kernel=kernel, normalize_means=norm),
-        (x, mu, m), C, cap=5e-2 if kappa > 20 else 1e-2, what="gmm_em")
+        (x, mu, m), C, what="gmm_em")
 
 
 def test_gmm_em_empty_mask_gives_zero_means(gen):
