@@ -13,7 +13,9 @@ Tolerances (documented in docs/internals.md, "CUDA precision"):
 - ``"high"`` (one TF32 product, 10-bit mantissa operands): 5e-3 relative;
 - float16 / bfloat16 inputs: exact in TF32, compared with the float64 reference on the
   same (rounded) values: 1e-4 relative;
-- float64: 1e-9.
+- float64: 1e-9;
+- EM (iterative: float32 rounding amplified by the input's conditioning): per element,
+  1e-5 + 8 x the float64 reference's sensitivity to rounding (``oracle.assert_within_rounding``).
 Indices are checked by the distance they point at, since under TF32 a near tie may pick
 either pixel; where the minimum is unique by a margin the index must be the oracle's.
 """
