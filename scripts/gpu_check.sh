@@ -200,19 +200,19 @@ PY
 stamp_now() {
   find csrc setup.py -type f | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16
 }
+cuda_ops_built() { "$PY" -c 'import sys, vos_kernels as v; sys.exit(0 if v.cuda_cpp_ops() else 1)' >/dev/null 2>&1; }
 if has build; then
   stamp=$(stamp_now)
   if [ "$dev" = cpu ]; then
     record build "skipped: CPU self-test" 0.0 "-"
-  elif [ "$(cat build/gpu_check.stamp 2>/dev/null)" = "$stamp" ] \
-      && "$PY" -c 'import sys, vos_kernels as v; sys.exit(0 if v.cuda_cpp_ops() else 1)' >/dev/null 2>&1; then
+  elif [ "$(cat build/gpu_check.stamp 2>/dev/null)" = "$stamp" ] && cuda_ops_built; then
     record build "ok (built earlier from the same sources)" 0.0 "-"
   else
     rm -f build/gpu_check.stamp
     # --resource-usage: ptxas's registers / shared memory / spills per kernel, into the log
     step build 480 "$(logname build log)" env NVCC_APPEND_FLAGS="--resource-usage" MAX_JOBS="${MAX_JOBS:-16}" \
       "$PY" -m pip install -v --no-build-isolation --no-deps -e .
-    if "$PY" -c 'import sys, vos_kernels as v; sys.exit(0 if v.cuda_cpp_ops() else 1)' >/dev/null 2>&1; then
+    if cuda_ops_built; then
       mkdir -p build && echo "$stamp" >build/gpu_check.stamp
     fi
   fi

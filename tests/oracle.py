@@ -207,6 +207,10 @@ def usage_of(index, weight, num_memory, hits):
 # ----------------------------------------------------------------------------------------
 # float32 tolerances from the conditioning of the exact result
 # ----------------------------------------------------------------------------------------
+def _as_tuple(out):
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
 def rounding_sensitivity(fn, args, rel, trials=8, seed=0):
     """How far rounding errors of relative size ``rel`` in the inputs move the exact result,
     element by element.
@@ -226,17 +230,14 @@ def rounding_sensitivity(fn, args, rel, trials=8, seed=0):
     2e-5 on one random draw). A kernel whose float32 error stays within a few times this
     sensitivity is as accurate as float32 inputs allow (backward stability); a bug is off
     by orders of magnitude more."""
-    def as_tuple(out):
-        return tuple(out) if isinstance(out, (tuple, list)) else (out,)
-
     g = torch.Generator().manual_seed(seed)
     args64 = [a.detach().cpu().double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
-    exact = as_tuple(fn(*args64))
+    exact = _as_tuple(fn(*args64))
     sens = [torch.zeros_like(e) for e in exact]
     for _ in range(trials):
         moved = [a * (1 + rel * (2 * torch.rand(a.shape, generator=g, dtype=torch.float64) - 1))
                  if torch.is_tensor(a) and a.is_floating_point() else a for a in args64]
-        for i, (m, e) in enumerate(zip(as_tuple(fn(*moved)), exact)):
+        for i, (m, e) in enumerate(zip(_as_tuple(fn(*moved)), exact)):
             sens[i] = torch.maximum(sens[i], torch.nan_to_num((m - e).abs(), nan=0.0))
     return exact, tuple(sens)
 
@@ -257,7 +258,7 @@ def assert_within_rounding(got, fn, args, channels, floor=1e-5, factor=8.0, cap=
     ``floor`` elsewhere; ``cap`` guards the test itself: if the median tolerance of an
     output exceeds it, the inputs are too ill-conditioned for the comparison to mean much,
     and the test fails as a test-input error."""
-    got = tuple(got) if isinstance(got, (tuple, list)) else (got,)
+    got = _as_tuple(got)
     exact, sens = rounding_sensitivity(fn, args, unit * channels ** 0.5)
     for i, (g, e, s) in enumerate(zip(got, exact, sens)):
         assert g.shape == e.shape, (what, i, g.shape, e.shape)
