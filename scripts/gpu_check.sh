@@ -8,11 +8,17 @@
 # then `vos-kernels segment --device cuda --compare-reference`. Everything goes to one
 # folder, to be committed as benchmarks/results/<device>/:
 #   env.txt, build.log (with nvcc's register / shared-memory / spill report), tests.log,
-#   junit.xml, sanitizer-memcheck.log, sanitizer-racecheck.log, bench/{results.json,
-#   results.md, speedup_memory.png}, auto_cuda.json (scripts/auto_table.py: what the
-#   backend "auto" should pick per op on this device), segment/, summary.md (each step's
-#   status and minutes, per call). A log whose name is taken by an earlier call gets -2, -3.
+#   tests.xml (JUnit; tests-r2.xml ... for later rounds), tests-summary.md (outcomes, and
+#   every test that failed, crashed, hung or lost the CUDA context), tests.journal(.hang.txt),
+#   sanitizer-memcheck.log, sanitizer-racecheck.log, bench/{results.json, results.md,
+#   speedup_memory.png}, auto_cuda.json (scripts/auto_table.py: what the backend "auto"
+#   should pick per op on this device), segment/, summary.md (each step's status and
+#   minutes, per call). A log whose name is taken by an earlier call gets -2, -3.
 # A step that fails is recorded and the run goes on; the exit status is 1 if any failed.
+# A kernel that faults (the CUDA context is lost: every later CUDA call in the process
+# fails), crashes or hangs costs only its own test, sanitizer group or benchmark case: the
+# tests run through scripts/pytest_isolated.py, sanitize_cases.py and the benchmark
+# (--isolate) in child processes, a fresh one going on after such an end.
 # All steps take about 25 minutes on an H100 (each step has its own time limit).
 #
 # Usage: scripts/gpu_check.sh [options]
@@ -22,6 +28,9 @@
 #                      --no-segment drop one
 #   --tests WHICH      all (default) | cuda (tests/test_cuda.py only) | none
 #   --pytest-args STR  extra pytest arguments, e.g. "-x -k 'not triton'"
+#   --test-timeout S   a test still running after S seconds (default 300) is recorded as hung
+#                      and the tests go on in a fresh process; so does a test that crashes the
+#                      process or loses the CUDA context (scripts/pytest_isolated.py)
 #   --quick            tiny benchmark sizes and only tests/test_cuda.py (about 5 minutes)
 #   --cases PATTERN    benchmark cases (vos-kernels bench --cases syntax), e.g. 'global/*,local/*'
 #   --bench-args STR   extra arguments of the benchmark
@@ -61,6 +70,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 out="" quick=0 cases="" tests="" wheels="" budget="" pack="" resume=0 restore="" pytest_args="" bench_args=""
+test_timeout=300 tests_summary=""
 steps="build,tests,sanitizer,bench,segment"
 drop() { steps=$(echo ",$steps," | sed "s/,$1,/,/; s/^,//; s/,$//"); }
 while [ $# -gt 0 ]; do
@@ -71,6 +81,7 @@ while [ $# -gt 0 ]; do
     --cases) cases=$2; shift 2 ;;
     --tests) tests=$2; shift 2 ;;
     --pytest-args) pytest_args=$2; shift 2 ;;
+    --test-timeout) test_timeout=$2; shift 2 ;;
     --bench-args) bench_args=$2; shift 2 ;;
     --no-build|--no-tests|--no-sanitizer|--no-bench|--no-segment) drop "${1#--no-}"; shift ;;
     --budget) budget=$2; shift 2 ;;
@@ -78,7 +89,7 @@ while [ $# -gt 0 ]; do
     --resume) resume=1; shift ;;
     --restore) restore=$2; resume=1; shift 2 ;;
     --wheels) wheels=$2; shift 2 ;;
-    -h|--help) sed -n '2,59p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,68p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown option $1 (--help lists them)" >&2; exit 2 ;;
   esac
 done
@@ -89,6 +100,7 @@ has() { case ",$steps," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 # --quick runs only tests/test_cuda.py unless --tests says otherwise
 [ -z "$tests" ] && { [ "$quick" = 1 ] && tests=cuda || tests=all; }
 case "$tests" in all|cuda|none) ;; *) echo "gpu_check.sh: --tests: all, cuda or none" >&2; exit 2 ;; esac
+case "$test_timeout" in ""|*[!0-9]*) echo "gpu_check.sh: --test-timeout takes whole seconds" >&2; exit 2 ;; esac
 case "$budget" in ""|*[!0-9]*) [ -n "$budget" ] && { echo "gpu_check.sh: --budget takes seconds" >&2; exit 2; } ;; esac
 t_start=$(date +%s)
 
@@ -226,16 +238,25 @@ if has tests && [ "$tests" != none ]; then
   [ "$tests" = cuda ] && targets=(tests/test_cuda.py)
   # shellcheck disable=SC2086  # --pytest-args is split like a command line
   eval "extra=($pytest_args)"
-  step tests 480 "$log" "$PY" -m pytest -q -rs "${targets[@]}" "${extra[@]}" --junitxml="$out/${log%.log}.xml"
+  # one pytest process per round (scripts/pytest_isolated.py): a test that faults the GPU,
+  # crashes or hangs past --test-timeout is recorded and the next round goes on without it
+  step tests 480 "$log" "$PY" scripts/pytest_isolated.py --test-timeout "$test_timeout" \
+    --journal "$out/${log%.log}.journal" --summary "$out/${log%.log}-summary.md" --junitxml "$out/${log%.log}.xml" \
+    -- -q -rs "${targets[@]}" "${extra[@]}"
+  tests_summary="$out/${log%.log}-summary.md"  # under the step table at the end of the call
 fi
 
 if has sanitizer; then
   if [ "$dev" = cuda ] && command -v compute-sanitizer >/dev/null 2>&1; then
+    # sanitize_cases.py runs its case groups in child processes (a fresh one after a group
+    # that loses the CUDA context): the sanitizer must follow them, which is its default
+    children=()
+    compute-sanitizer --help 2>&1 | grep -q -- --target-processes && children=(--target-processes all)
     # the caching allocator would hide out-of-bounds accesses inside its blocks
     step sanitizer-memcheck 240 "$(logname sanitizer-memcheck log)" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-      compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" scripts/sanitize_cases.py
-    step sanitizer-racecheck 240 "$(logname sanitizer-racecheck log)" \
-      compute-sanitizer --tool racecheck --racecheck-report hazard --error-exitcode 1 "$PY" scripts/sanitize_cases.py
+      compute-sanitizer --tool memcheck "${children[@]}" --error-exitcode 1 "$PY" scripts/sanitize_cases.py
+    step sanitizer-racecheck 240 "$(logname sanitizer-racecheck log)" compute-sanitizer --tool racecheck \
+      "${children[@]}" --racecheck-report hazard --error-exitcode 1 "$PY" scripts/sanitize_cases.py
   else
     record sanitizer "skipped: no compute-sanitizer or no GPU" 0.0 "-"
   fi
@@ -247,7 +268,9 @@ if has bench; then
   else
     args=(--device cpu --backends cpu)
   fi
-  args+=(--out "$out/bench")
+  # --isolate: the cases run in child processes; after a case that faults the GPU, hangs
+  # (--case-timeout, 300 s on CUDA) or kills its process, a fresh one goes on (--resume)
+  args+=(--out "$out/bench" --isolate)
   [ "$resume" = 1 ] && args+=(--resume)
   [ "$quick" = 1 ] && args+=(--quick)
   [ -n "$cases" ] && args+=(--cases "$cases")
@@ -268,6 +291,9 @@ if has segment; then
 fi
 
 printf '\nCall %s: %s minutes.\n' "$call" "$(minutes $(( $(date +%s) - t_start )))" >>"$summary"
+if [ -n "$tests_summary" ] && [ -f "$tests_summary" ]; then
+  { echo ""; sed '1s/^# .*/### Tests, call '"$call"'/' "$tests_summary"; } >>"$summary"
+fi
 if has bench && [ -f "$out/bench/results.md" ]; then
   { echo ""; echo "### Benchmarks (all calls so far)"; echo ""; cat "$out/bench/results.md"; } >>"$summary"
 fi

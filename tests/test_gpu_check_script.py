@@ -50,8 +50,11 @@ def test_calls_pack_restore_resume_and_budget(tmp_path):
     for row in ("| build | skipped: CPU self-test |", "| tests | ok |", "| sanitizer | skipped:", "| bench | ok |"):
         assert row in summary, row
     got = members(pack1 / "gpu_check.tgz")
-    assert {"summary.md", "env.txt", "tests.log", "tests.xml", "bench.log", "bench/results.json",
-            "bench/results.md", "bench/speedup_memory.png"} <= set(got)
+    assert {"summary.md", "env.txt", "tests.log", "tests.xml", "tests-summary.md", "tests.journal", "bench.log",
+            "bench/results.json", "bench/results.md", "bench/speedup_memory.png"} <= set(got)
+    # the tests ran through scripts/pytest_isolated.py; its outcome counts are in summary.md
+    assert "### Tests, call 1" in summary and "skipped." in summary.split("### Tests, call 1")[1].split("\n\n")[1]
+    assert "Rounds: 1: finished" in summary
     assert got["summary.md"].decode() == summary  # packed after the last step
     res = json.loads(got["bench/results.json"])
     assert [c["name"] for c in res["cases"]] == ["em/quick"]
@@ -84,10 +87,61 @@ def test_calls_pack_restore_resume_and_budget(tmp_path):
 
 
 def test_option_errors_and_no_gpu(tmp_path):
-    for args in (["--steps", "build,compile"], ["--tests", "some"], ["--budget", "ten"], ["--frobnicate"]):
+    for args in (["--steps", "build,compile"], ["--tests", "some"], ["--budget", "ten"], ["--test-timeout", "1m"],
+                 ["--frobnicate"]):
         r = run("--out", str(tmp_path), *args)
         assert r.returncode == 2 and "gpu_check.sh:" in r.stderr, (args, r.stderr)
     r = run("--out", str(tmp_path), allow_cpu=False)
     assert r.returncode == 2 and "no CUDA device" in r.stderr
     r = run("--help")
     assert r.returncode == 0 and "--budget SECONDS" in r.stdout and "--restore FILE" in r.stdout
+
+
+def test_sanitize_cases_run_on_cpu():
+    """scripts/sanitize_cases.py has its first CUDA run in a GPU session: its cases must at
+    least run (backend "cpu"), every group in a child process, in one round."""
+    import sys
+
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "sanitize_cases.py"), "--device", "cpu"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import sanitize_cases
+    finally:
+        sys.path.pop(0)
+    for g in sanitize_cases.GROUPS:
+        assert f"sanitize_cases: {g}: ran" in r.stdout, g
+    assert "fresh process" not in r.stdout
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "sanitize_cases.py"), "--groups", "topk,nope"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "unknown ['nope']" in r.stderr
+    # after a lost context, the groups the child did not report on run in a fresh one
+    out = "sanitize_cases: global: ran\nsanitize_cases: local: FAILED (above)\n"
+    assert sanitize_cases.groups_left(["global", "local", "topk", "gmm_em"], out) == ["topk", "gmm_em"]
+
+
+def test_sanitize_cases_fresh_process_after_lost_context(monkeypatch, capsys):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import sanitize_cases
+    finally:
+        sys.path.pop(0)
+    calls = []
+    replies = [(75, "sanitize_cases: global: ran\nsanitize_cases: local: FAILED (above)\n"),
+               (0, "sanitize_cases: topk: ran\nsanitize_cases: gmm_em: ran\n")]
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd[cmd.index("--groups") + 1])
+        rc, out = replies[len(calls) - 1]
+        return subprocess.CompletedProcess(cmd, rc, out)
+
+    monkeypatch.setattr(sanitize_cases.subprocess, "run", fake_run)
+    assert sanitize_cases.drive(["global", "local", "topk", "gmm_em"], "cuda") == 1   # a group lost the context
+    assert calls == ["global,local,topk,gmm_em", "topk,gmm_em"]
+    assert "a fresh process for topk, gmm_em" in capsys.readouterr().out
+    calls.clear()
+    replies[:] = [(75, "sanitize_cases: global: FAILED (above)\n"), (75, "")]
+    assert sanitize_cases.drive(["global", "local"], "cuda") == 1 and calls == ["global,local", "local"]

@@ -25,6 +25,27 @@ that ``--out`` does not hold yet (or that ended in an error) and keeps the other
 how a suite longer than one GPU lease call is measured in several calls. It refuses to
 mix runs with other settings or another device.
 
+A case can end the process (a CUDA kernel that faults or hangs). ``OUT/running.json``
+names the case that runs (name, start, pid, attempt); it is removed once the case's
+results are written. ``--case-timeout`` (default 300 s on CUDA, off on CPU) ends the
+process when a case runs longer, with every thread's Python traceback in
+``OUT/hang-traceback.txt``. On CUDA a small probe after every case checks the CUDA
+context; where the case left it unusable, its record gets ``fatal`` ("CUDA context lost:
+...") and the run stops there (exit status 75), since every later case would fail.
+``--resume`` finds a ``running.json`` left behind and records that case as an error with
+``fatal`` (the process died in it). ``attempts`` counts the runs of a case since its last
+record without ``fatal``: ``--resume`` runs a case with a fatal record once more (an
+outside time limit may have killed it) and not after a second fatal end, which stays in
+``results.json`` as an error. Other errors are re-run by every ``--resume``.
+
+Exit status: 0 every case ran without error; 1 some case has an error (fatal ones
+included), or the watchdog ended a hung case (``running.json`` left behind); 2 a usage
+error (options, a ``--out`` measured with other settings); 75 the CUDA context was lost.
+A driver runs again with ``--resume`` while the status is 75 or ``OUT/running.json``
+exists (a hang, a fault that killed the process, a kill from outside); this ends, as a
+case ends fatally at most twice. ``--isolate`` is that driver: the cases run in child
+processes, a fresh one with ``--resume`` after each such end (scripts/gpu_check.sh uses it).
+
 Method
 ------
 Time: one warm-up call (its outputs are the ones checked), then: a call slower than
@@ -60,6 +81,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import fnmatch
@@ -86,6 +108,7 @@ from . import benchmark_gmm as _G
 from . import benchmark_train as _T
 from . import reference as _reference
 from ._backend import BACKENDS, get_backend, set_backend
+from ._device_guard import CONTEXT_LOST_EXIT, cuda_context_lost, watchdog
 from .matching import fb_global_matching, fb_multi_local_matching
 from .memory import topk_memory_read
 
@@ -750,22 +773,26 @@ def _run_impl(case: Case, which: str, inputs: dict, s: Settings,
                        f"--max-reference-gib {s.max_reference_bytes / GiB:g}")
             return res, None
     call = lambda: fn(**inputs)  # noqa: E731
+    phase = ""
     try:
         out = call()
         _sync(s.device)
+        out = tuple(t.detach() for t in out[:len(op.outputs)])
+        phase = "in the memory measurement: "
+        if s.memory:
+            if s.device.type == "cuda":
+                res["memory"] = measure_memory_cuda(call, s.device)
+            else:
+                res["memory"] = measure_memory_cpu(case, which, s.seed, s.threads)
+        phase = "in the timed calls: "
+        res["time"] = time_call(call, s.device, s.threads, s.repeats, s.min_run_time)
     except Exception as exc:  # noqa: BLE001 - recorded in the results; the suite goes on
         first_line = (str(exc).splitlines() or [""])[0][:300]
-        res.update(status="OOM" if _is_oom(exc) else "error", reason=f"{type(exc).__name__}: {first_line}")
+        res.update(status="OOM" if _is_oom(exc) else "error", reason=f"{phase}{type(exc).__name__}: {first_line}")
         if s.device.type == "cuda":
-            torch.cuda.empty_cache()
+            with contextlib.suppress(Exception):  # raises too where the CUDA context is lost
+                torch.cuda.empty_cache()
         return res, None
-    out = tuple(t.detach() for t in out[:len(op.outputs)])
-    if s.memory:
-        if s.device.type == "cuda":
-            res["memory"] = measure_memory_cuda(call, s.device)
-        else:
-            res["memory"] = measure_memory_cpu(case, which, s.seed, s.threads)
-    res["time"] = time_call(call, s.device, s.threads, s.repeats, s.min_run_time)
     seconds = res["time"]["median_ms"] / 1e3
     res["gflops"] = op.flops(case, inputs) / seconds / 1e9
     res["gbytes_per_s"] = op.bytes_moved(case) / seconds / 1e9
@@ -980,7 +1007,9 @@ def markdown(results: dict) -> str:
     if alt_names:
         notes.append("Other backends (" + ", ".join(alt_names) + "): the same op run with that backend on the "
                      "same inputs; speedup = reference / that backend.")
-    skipped = [f"- {c['name']}: {c['reference']['reason']}" for c in results["cases"] if c["reference"].get("reason")]
+    skipped = [f"- {c['name']}: {c['fatal']} (attempt {c.get('attempts', 1)})" if c.get("fatal")
+               else f"- {c['name']}: {c['reference']['reason']}"
+               for c in results["cases"] if c.get("fatal") or c["reference"].get("reason")]
     return "\n".join([head, "", *rows, "", *notes, *(["", *skipped] if skipped else [])]) + "\n"
 
 
@@ -1085,8 +1114,115 @@ def _progress(i: int, n: int, c: dict, seconds: float) -> str:
 
 
 # ------------------------------------------------------------------------------ main
+RUNNING_FILE = "running.json"          # in --out while a case runs: the case that ended the process
+HANG_FILE = "hang-traceback.txt"       # in --out: the stacks of a case that ran past --case-timeout
+CUDA_CASE_TIMEOUT = 300.0              # default --case-timeout on CUDA (seconds)
+MAX_FATAL_ATTEMPTS = 2                 # --resume runs a case again after 1 fatal end, not after 2
+
+
 def _has_error(c: dict) -> bool:
-    return "error" in (c["fused"].get("status"), c["reference"].get("status"))
+    return bool(c.get("fatal")) or "error" in (c["fused"].get("status"), c["reference"].get("status"))
+
+
+def _run_again(c: dict) -> bool:
+    """Whether --resume runs the case of this earlier record again: after an error, unless
+    the case ended fatally (lost the CUDA context, or the process died in it) in
+    MAX_FATAL_ATTEMPTS runs in a row."""
+    if c.get("fatal"):
+        return c.get("attempts", 1) < MAX_FATAL_ATTEMPTS
+    return _has_error(c)
+
+
+def _context_lost(device: torch.device) -> str | None:
+    """Why the CUDA context of this process is unusable, or None (always on CPU)."""
+    return cuda_context_lost() if device.type == "cuda" else None
+
+
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+
+
+def _utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def failed_record(case: Case, s: Settings, reason: str, fatal: str | None = None, attempts: int = 1) -> dict:
+    """A record of ``case`` whose fused and reference sides both ended in an error with
+    ``reason`` (nothing measured), with the keys of :func:`run_case`'s records that the
+    tables, the plot and scripts/auto_table.py read; ``fatal`` and ``attempts`` as in the
+    module doc."""
+    record: dict = dict(
+        name=case.name, op=case.op, sweep=case.sweep, scale=case.scale, sizes=case.sizes(),
+        config=dataclasses.asdict(case), pixels=case.pixels, seed=_seed(case, s.seed), flops=None,
+        bytes=OPS[case.op].bytes_moved(case),
+        sweep_x=case.frames * case.pixels if case.op == "topk" else case.pixels,
+        fused=dict(status="error", backend=(s.backends or (fused_backend(s.device),))[0], reason=reason),
+        reference=dict(status="error", reason=reason),
+        speedup=None, memory_ratio_pct=None, max_abs_error=None, attempts=attempts,
+    )
+    if fatal:
+        record["fatal"] = fatal
+    return record
+
+
+def _write_json_atomic(path: str, obj: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _died_record(running: dict, out_dir: str, s: Settings) -> dict | None:
+    """The fatal record of the case that ``running.json`` (left by a process that died while
+    the case ran) names; None if the name is no case of the suite."""
+    case = {c.name: c for c in FULL_CASES + QUICK_CASES}.get(running.get("case"))
+    if case is None:
+        return None
+    attempt = int(running.get("attempt") or 1)
+    hang_text = ""
+    with contextlib.suppress(OSError):
+        with open(os.path.join(out_dir, HANG_FILE), errors="replace") as f:
+            hang_text = f.read()
+    mark = _hang_header_mark(case.name, attempt, running.get("pid"))
+    section = hang_text[hang_text.rfind(mark):] if mark in hang_text else ""
+    if "Timeout (" in section:  # faulthandler.dump_traceback_later's first line
+        seconds = running.get("case_timeout_s")
+        reason = (f"hang: the case ran past --case-timeout "
+                  f"{f'{seconds:g}' if isinstance(seconds, (int, float)) else seconds} s and the watchdog "
+                  f"ended the process; Python tracebacks in {HANG_FILE}")
+    elif running.get("interrupted"):
+        reason = (f"interrupted (SIGINT: Ctrl-C or an outside time limit) at {running['interrupted']} while this "
+                  "case ran")
+    else:
+        reason = ("the process died while this case ran (fault, hang past --case-timeout, or an outside time limit)"
+                  + (f"; see {HANG_FILE}" if hang_text else ""))
+    record = failed_record(case, s, reason, fatal=reason, attempts=attempt)
+    record.update(started=running.get("started"), git_commit=running.get("git_commit"))
+    return record
+
+
+def _hang_header_mark(name: str, attempt: int, pid: object) -> str:
+    return f"case {name}, attempt {attempt}, pid {pid}:"
+
+
+@contextlib.contextmanager
+def _case_guard(hang_file, case: Case, attempt: int, seconds: float):
+    """Within the block: the watchdog of --case-timeout (none where ``seconds`` is 0), with a
+    header naming the case in ``hang_file`` above the stacks it writes; the header is taken
+    out again when the block ends (the file keeps only cases that ended the process)."""
+    if not seconds or hang_file is None:
+        yield
+        return
+    hang_file.seek(0, os.SEEK_END)
+    pos = hang_file.tell()
+    hang_file.write(f"=== {_utc_now()} {_hang_header_mark(case.name, attempt, os.getpid())} the watchdog "
+                    f"ends the process after {seconds:g} s; if it did, every thread's Python traceback follows\n")
+    hang_file.flush()
+    try:
+        with watchdog(seconds, hang_file):
+            yield
+    finally:
+        hang_file.truncate(pos)
 
 
 # Settings that must match for --resume to add cases to an earlier run's results.
@@ -1150,9 +1286,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-reference-error", action="store_true", help="skip the float64 error check")
     p.add_argument("--resume", action="store_true",
                    help="keep the cases already in OUT/results.json (same device and settings) and run only the "
-                        "selected cases it lacks or that ended in an error")
+                        "selected cases it lacks or that ended in an error; a case that ended fatally (lost the "
+                        "CUDA context, or the process died in it: OUT/running.json) runs once more, not after a "
+                        "second fatal end")
+    p.add_argument("--case-timeout", type=float, default=None, metavar="SECONDS",
+                   help=f"end the process when a case runs longer, its stacks in OUT/{HANG_FILE} (exit status 1; "
+                        f"--resume records the case as fatal); default {CUDA_CASE_TIMEOUT:g} on CUDA, 0 on CPU; "
+                        "0: no limit")
+    p.add_argument("--isolate", action="store_true",
+                   help="run the cases in child processes: after a case that loses the CUDA context, hangs or kills "
+                        "its process, a fresh one goes on with --resume")
     p.add_argument("--_memory-worker", dest="memory_worker", metavar="SPEC", help=argparse.SUPPRESS)
     return p
+
+
+def drive_isolated(argv: Sequence[str], out_dir: str, n_cases: int) -> int:
+    """``--isolate``: run ``python -m vos_kernels.benchmark ARGV --out OUT_DIR`` (without
+    ``--isolate``) in child processes, again with ``--resume`` while a child exits 75 (lost
+    CUDA context) or leaves ``OUT_DIR/running.json`` (it died in a case). A case ends
+    fatally at most :data:`MAX_FATAL_ATTEMPTS` times, so at most that many rounds per case
+    (plus one) run. Returns the last child's exit status (1 if the rounds ran out, 130 on
+    an interrupt)."""
+    args = [a for a in argv if a != "--isolate"]
+    if "--out" not in args and not any(a.startswith("--out=") for a in args):
+        args += ["--out", out_dir]
+    running = os.path.join(out_dir, RUNNING_FILE)
+    for k in range(1, MAX_FATAL_ATTEMPTS * n_cases + 2):
+        try:
+            rc = subprocess.run([sys.executable, "-m", "vos_kernels.benchmark", *args]).returncode
+        except KeyboardInterrupt:
+            return 130
+        died = os.path.exists(running)
+        if rc != CONTEXT_LOST_EXIT and not died:
+            return rc
+        why = "lost the CUDA context" if rc == CONTEXT_LOST_EXIT else f"ended with status {rc} inside a case"
+        print(f"benchmark --isolate: process {k} {why}; a fresh process goes on with --resume", file=sys.stderr,
+              flush=True)
+        if "--resume" not in args:
+            args.append("--resume")
+    print("benchmark --isolate: stopped, no more rounds", file=sys.stderr)
+    return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1179,12 +1352,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(threads)
     out_dir = args.out or os.path.join("benchmarks", "results", device_slug(device, threads))
     os.makedirs(out_dir, exist_ok=True)
+    if args.isolate:
+        return drive_isolated(list(sys.argv[1:] if argv is None else argv), out_dir, len(cases))
 
     s = Settings(device=device, threads=threads, repeats=max(1, args.repeats),
                  min_run_time=args.min_run_time if args.min_run_time is not None else (0.05 if args.quick else 1.0),
                  seed=args.seed, max_reference_bytes=args.max_reference_gib * GiB, memory=not args.no_memory,
                  reference_error=not args.no_reference_error,
                  backends=tuple(b.strip() for b in args.backends.split(",") if b.strip()) if args.backends else ())
+    if args.case_timeout is not None and not (args.case_timeout >= 0):
+        print(f"--case-timeout: {args.case_timeout:g} is not a number of seconds >= 0", file=sys.stderr)
+        return 2
+    timeout = args.case_timeout if args.case_timeout is not None else (
+        CUDA_CASE_TIMEOUT if device.type == "cuda" else 0.0)
     for b in s.backends:
         if b not in BACKENDS or b == "reference":
             print(f"--backends: {b!r} is not a fused backend (one of {[x for x in BACKENDS if x != 'reference']})",
@@ -1196,24 +1376,60 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  reference_error=s.reference_error, ignore_fraction=IGNORE_FRACTION,
                                  bias=[BIAS_BG, BIAS_FG], reference_n_chunks=REFERENCE_CHUNKS,
                                  backends=list(s.backends) or [fused_backend(device)],
-                                 float32_matmul_precision=torch.get_float32_matmul_precision()),
+                                 float32_matmul_precision=torch.get_float32_matmul_precision(),
+                                 case_timeout_s=timeout),
                    peers=peers(), ceilings=None, cases=[], runs=[])
     json_path = os.path.join(out_dir, "results.json")
-    if args.resume and os.path.exists(json_path):
-        try:
-            previous = resumable(json_path, results)
-        except ValueError as exc:
-            print(f"--resume: {exc}", file=sys.stderr)
-            return 2
-        results.update(environment=previous["environment"], ceilings=previous.get("ceilings"),
-                       runs=previous.get("runs", []), cases=previous["cases"])
-        results["settings"]["cases"] = previous["settings"].get("cases")
-        done = {c["name"] for c in results["cases"] if not _has_error(c)}
-        results["cases"] = [c for c in results["cases"] if c["name"] in done]
-        kept = len(cases)
-        cases = [c for c in cases if c.name not in done]
-        print(f"--resume: {len(done)} case(s) kept from {json_path}; {len(cases)} of the {kept} selected to run",
-              flush=True)
+    running_path, hang_path = os.path.join(out_dir, RUNNING_FILE), os.path.join(out_dir, HANG_FILE)
+    order = {c.name: i for i, c in enumerate(FULL_CASES + QUICK_CASES)}
+    earlier: dict[str, dict] = {}  # records of the cases run again, for their attempt count
+    if args.resume:
+        if os.path.exists(json_path):
+            try:
+                previous = resumable(json_path, results)
+            except ValueError as exc:
+                print(f"--resume: {exc}", file=sys.stderr)
+                return 2
+            results.update(environment=previous["environment"], ceilings=previous.get("ceilings"),
+                           runs=previous.get("runs", []), cases=previous["cases"])
+            results["settings"]["cases"] = previous["settings"].get("cases")
+        if os.path.exists(running_path):
+            try:
+                with open(running_path) as f:
+                    running = json.load(f)
+                died = _died_record(running, out_dir, s)
+            except (OSError, ValueError, TypeError) as exc:
+                running, died = {}, None
+                print(f"--resume: cannot read {running_path} ({exc}); left out", file=sys.stderr)
+            # a process killed after writing the case's results, before removing running.json: no death
+            finished = any(c["name"] == running.get("case") and c.get("started") == running.get("started")
+                           and c.get("attempts", 1) == running.get("attempt", 1) for c in results["cases"])
+            if died is not None and not finished:
+                results["cases"] = [c for c in results["cases"] if c["name"] != died["name"]] + [died]
+                print(f"--resume: the process died in case {died['name']} (attempt {died['attempts']}, started "
+                      f"{running.get('started')}): {died['reference']['reason']}", file=sys.stderr, flush=True)
+            elif died is None and running:
+                print(f"--resume: {running_path} names no case of the suite ({running.get('case')!r}); left out",
+                      file=sys.stderr)
+            os.remove(running_path)
+        by_name = {c["name"]: c for c in results["cases"]}
+        again = {c.name for c in cases if c.name not in by_name or _run_again(by_name[c.name])}
+        for c in cases:
+            rec = by_name.get(c.name)
+            if rec is not None and c.name not in again and _has_error(rec):
+                print(f"--resume: {c.name} is not run again: it ended fatally in {rec.get('attempts', 1)} runs in "
+                      f"a row ({rec['fatal']})", file=sys.stderr)
+        earlier = {n: by_name[n] for n in again if n in by_name}
+        results["cases"] = sorted((c for c in results["cases"] if c["name"] not in again),
+                                  key=lambda c: order.get(c["name"], len(order)))
+        selected = len(cases)
+        cases = [c for c in cases if c.name in again]
+        print(f"--resume: {len(results['cases'])} case(s) kept from {out_dir}; {len(cases)} of the {selected} "
+              "selected to run", flush=True)
+    else:  # the folder starts over
+        for stale in (running_path, hang_path):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(stale)
     env_now = environment(device, threads)
     results["runs"].append(dict(date=env_now["date"], git_commit=env_now["git_commit"],
                                 git_dirty=env_now["git_dirty"], cases_pattern=args.cases,
@@ -1229,17 +1445,54 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.ceilings = results["ceilings"]
     print(f"ceilings: matmul {s.ceilings['matmul']['gflops']:.4g} GFLOP/s, "
           f"copy {s.ceilings['copy']['gbytes_per_s']:.4g} GB/s", flush=True)
-    order = {c.name: i for i, c in enumerate(FULL_CASES + QUICK_CASES)}
-    for i, case in enumerate(cases, 1):
-        t0 = time.perf_counter()
-        print(f"[{i}/{len(cases)}] {case.name} ({case.sizes()}) ...", flush=True)
-        record = run_case(case, s)
-        record["git_commit"] = env_now["git_commit"]
-        results["cases"].append(record)
-        results["cases"].sort(key=lambda c: order.get(c["name"], len(order)))
-        write_results(results, out_dir)  # after every case: a run cut off keeps what it measured
-        print(_progress(i, len(cases), record, time.perf_counter() - t0), flush=True)
-        gc.collect()
+    hang_file = open(hang_path, "a") if timeout > 0 else None  # noqa: SIM115 - open for the whole loop
+    try:
+        for i, case in enumerate(cases, 1):
+            t0 = time.perf_counter()
+            before = earlier.get(case.name, {})
+            attempt = before.get("attempts", 1) + 1 if before.get("fatal") else 1
+            started = _utc_now()
+            print(f"[{i}/{len(cases)}] {case.name} ({case.sizes()}"
+                  + (f"; attempt {attempt}, after: {before['fatal']}" if attempt > 1 else "") + ") ...", flush=True)
+            _write_json_atomic(running_path, dict(case=case.name, started=started, pid=os.getpid(), attempt=attempt,
+                                                  case_timeout_s=timeout, git_commit=env_now["git_commit"]))
+            try:
+                with _case_guard(hang_file, case, attempt, timeout):
+                    try:
+                        record = run_case(case, s)
+                    except Exception as exc:  # noqa: BLE001 - recorded; the suite goes on
+                        record = failed_record(case, s, f"run_case raised {_first_line(exc)}")
+                    lost = _context_lost(s.device)
+            except KeyboardInterrupt:  # SIGINT: Ctrl-C, or a time limit (timeout --signal=INT)
+                with contextlib.suppress(OSError, ValueError):
+                    with open(running_path) as f:
+                        running = json.load(f)
+                    _write_json_atomic(running_path, dict(running, interrupted=_utc_now()))
+                raise
+            record.update(git_commit=env_now["git_commit"], started=started, attempts=attempt)
+            if before.get("fatal"):
+                record["previous_fatal"] = before["fatal"]
+            if lost:
+                record["fatal"] = f"CUDA context lost: {lost}"
+            results["cases"].append(record)
+            results["cases"].sort(key=lambda c: order.get(c["name"], len(order)))
+            write_results(results, out_dir)  # after every case: a run cut off keeps what it measured
+            os.remove(running_path)
+            print(_progress(i, len(cases), record, time.perf_counter() - t0), flush=True)
+            if lost:
+                plot(results, os.path.join(out_dir, "speedup_memory.png"))
+                again_note = ("it runs once more, then the rest" if attempt < MAX_FATAL_ATTEMPTS
+                              else "it is not run again (second fatal end), the rest are")
+                print(f"case {case.name} (attempt {attempt}) lost the CUDA context ({lost}); results written to "
+                      f"{out_dir}; {len(cases) - i} later case(s) not run. Run again with --resume to go on: "
+                      f"{again_note} (exit status {CONTEXT_LOST_EXIT})", file=sys.stderr, flush=True)
+                return CONTEXT_LOST_EXIT
+            gc.collect()
+    finally:
+        if hang_file is not None:
+            hang_file.close()
+            if os.path.getsize(hang_path) == 0:  # no case hung or died: no file
+                os.remove(hang_path)
 
     results["environment"]["load_average_at_end"] = _load_average()
     table = write_results(results, out_dir)
