@@ -66,10 +66,8 @@ def _read_journal(path: str | os.PathLike) -> tuple[dict[str, float], dict[str, 
         elif kind == "end":
             started.pop(nodeid, None)
             outcome, _, why = detail.partition("\t")
-            if ended.get(nodeid, ("", ""))[0] != "lost-context":
-                ended[nodeid] = (outcome, why)
-        elif kind == "lost":
-            started.pop(nodeid, None)
+            ended[nodeid] = (outcome, why)
+        elif kind == "lost":  # written after the test's "end"
             ended[nodeid] = ("lost-context", detail)
     return started, ended
 
@@ -103,6 +101,7 @@ if os.environ.get(JOURNAL_ENV):
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_protocol(item, nextitem):
+        # imported here, not at load: vos_kernels must come after conftest.py (TRITON_INTERPRET)
         from vos_kernels import _device_guard as guard
 
         journal = os.environ[JOURNAL_ENV]
@@ -176,11 +175,12 @@ def main(argv: list[str] | None = None) -> int:
 
     rounds: list[str] = []
     interrupted = finished = False
+    ended: dict[str, tuple[str, str]] = {}
     for k in range(1, args.max_rounds + 1):
         cmd = [sys.executable, "-m", "pytest", "-p", "pytest_isolated", *pytest_args]
         if args.junitxml:
             cmd.append(f"--junitxml={_round_path(args.junitxml, k)}")
-        _, ended_before = _read_journal(journal)
+        ended_before = ended
         print(f"\n== pytest_isolated round {k}: {len(ended_before)} test(s) done before it", flush=True)
         t0 = time.time()
         proc = subprocess.Popen(cmd, env=env)
@@ -202,14 +202,14 @@ def main(argv: list[str] | None = None) -> int:
                    else "the pytest process ended " + (f"by signal {-rc}" if rc < 0 else f"with status {rc}")
                    + " inside this test")
             _journal_write(journal, "end", nodeid, outcome, why)
+            ended[nodeid] = (outcome, why)
             print(f"pytest_isolated: {nodeid}: {outcome}: {why}", flush=True)
         dump = Path(journal + ".watchdog.txt")
-        if unended and dump.exists() and len(dump.read_text().splitlines()) > 1:
-            text = dump.read_text()
+        text = dump.read_text() if unended and dump.exists() else ""
+        if len(text.splitlines()) > 1:  # more than the header: the watchdog's stacks
             with open(journal + ".hang.txt", "a") as f:
                 f.write(text + "\n")
             print(text, flush=True)
-        unended, ended = _read_journal(journal)
         progress = len(ended) - len(ended_before)
         if interrupted:
             rounds.append(f"{k}: interrupted")
@@ -236,7 +236,6 @@ def main(argv: list[str] | None = None) -> int:
         rounds.append(f"stopped after --max-rounds {args.max_rounds}")
 
     Path(journal + ".watchdog.txt").unlink(missing_ok=True)
-    _, ended = _read_journal(journal)
     text, ok = summarize(ended, rounds, finished)
     print("\n" + text, flush=True)
     if args.summary:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -97,19 +98,22 @@ def test_option_errors_and_no_gpu(tmp_path):
     assert r.returncode == 0 and "--budget SECONDS" in r.stdout and "--restore FILE" in r.stdout
 
 
-def test_sanitize_cases_run_on_cpu():
-    """scripts/sanitize_cases.py has its first CUDA run in a GPU session: its cases must at
-    least run (backend "cpu"), every group in a child process, in one round."""
-    import sys
-
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "sanitize_cases.py"), "--device", "cpu"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr
+def _sanitize_cases_module():
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
         import sanitize_cases
     finally:
         sys.path.pop(0)
+    return sanitize_cases
+
+
+def test_sanitize_cases_run_on_cpu():
+    """scripts/sanitize_cases.py has its first CUDA run in a GPU session: its cases must at
+    least run (backend "cpu"), every group in a child process, in one round."""
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "sanitize_cases.py"), "--device", "cpu"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    sanitize_cases = _sanitize_cases_module()
     for g in sanitize_cases.GROUPS:
         assert f"sanitize_cases: {g}: ran" in r.stdout, g
     assert "fresh process" not in r.stdout
@@ -122,13 +126,8 @@ def test_sanitize_cases_run_on_cpu():
 
 
 def test_sanitize_cases_fresh_process_after_lost_context(monkeypatch, capsys):
-    import sys
 
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import sanitize_cases
-    finally:
-        sys.path.pop(0)
+    sanitize_cases = _sanitize_cases_module()
     calls = []
     replies = [(75, "sanitize_cases: global: ran\nsanitize_cases: local: FAILED (above)\n"),
                (0, "sanitize_cases: topk: ran\nsanitize_cases: gmm_em: ran\n")]

@@ -19,6 +19,11 @@ from typing import IO, Iterator
 CONTEXT_LOST_EXIT = 75
 
 
+def error_line(exc: BaseException) -> str:
+    """``"Type: first line of the message"`` (at most 300 characters of it), for records."""
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+
+
 def cuda_context_lost() -> str | None:
     """``None`` if CUDA was never initialised in this process or is still usable, else the
     error that a fresh probe (a small tensor op and a synchronisation) raises.
@@ -36,7 +41,7 @@ def cuda_context_lost() -> str | None:
         total = float((x + x).sum().item())
         torch.cuda.synchronize()
     except Exception as exc:  # noqa: BLE001 - the error is the answer
-        return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+        return error_line(exc)
     if total != 16.0:
         return f"probe computed {total} instead of 16.0"
     return None

@@ -108,7 +108,7 @@ from . import benchmark_gmm as _G
 from . import benchmark_train as _T
 from . import reference as _reference
 from ._backend import BACKENDS, get_backend, set_backend
-from ._device_guard import CONTEXT_LOST_EXIT, cuda_context_lost, watchdog
+from ._device_guard import CONTEXT_LOST_EXIT, cuda_context_lost, error_line, watchdog
 from .matching import fb_global_matching, fb_multi_local_matching
 from .memory import topk_memory_read
 
@@ -787,8 +787,7 @@ def _run_impl(case: Case, which: str, inputs: dict, s: Settings,
         phase = "in the timed calls: "
         res["time"] = time_call(call, s.device, s.threads, s.repeats, s.min_run_time)
     except Exception as exc:  # noqa: BLE001 - recorded in the results; the suite goes on
-        first_line = (str(exc).splitlines() or [""])[0][:300]
-        res.update(status="OOM" if _is_oom(exc) else "error", reason=f"{phase}{type(exc).__name__}: {first_line}")
+        res.update(status="OOM" if _is_oom(exc) else "error", reason=phase + error_line(exc))
         if s.device.type == "cuda":
             with contextlib.suppress(Exception):  # raises too where the CUDA context is lost
                 torch.cuda.empty_cache()
@@ -828,7 +827,7 @@ def run_case(case: Case, s: Settings) -> dict:
         try:
             oracle = op.oracle(case, inputs)
         except Exception as exc:  # noqa: BLE001 - recorded; the timings stand
-            record["oracle_error"] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+            record["oracle_error"] = error_line(exc)
         else:
             for which in ("fused", "reference"):
                 if outs[which] is not None:
@@ -904,7 +903,7 @@ def environment(device: torch.device, threads: int) -> dict:
         # VOS_KERNELS_GIT_COMMIT: where the tree is a copy without .git (a lent GPU machine)
         git_commit=_git("rev-parse", "HEAD") or os.environ.get("VOS_KERNELS_GIT_COMMIT") or "unknown",
         git_dirty=bool(status) if status is not None else None,
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        date=_utc_now(),
         load_average_at_start=_load_average(),
     )
     if device.type == "cuda":
@@ -1138,10 +1137,6 @@ def _context_lost(device: torch.device) -> str | None:
     return cuda_context_lost() if device.type == "cuda" else None
 
 
-def _first_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
-
-
 def _utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -1166,9 +1161,11 @@ def failed_record(case: Case, s: Settings, reason: str, fatal: str | None = None
 
 
 def _write_json_atomic(path: str, obj: dict) -> None:
+    """``obj`` as JSON at ``path``, written beside it and renamed: a reader never sees half
+    a file, even of a process that dies while writing (strict JSON: no NaN)."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
+        json.dump(obj, f, indent=2, allow_nan=False)
     os.replace(tmp, path)
 
 
@@ -1254,10 +1251,7 @@ def resumable(path: str, results: dict) -> dict:
 
 def write_results(results: dict, out_dir: str) -> str:
     """results.json and results.md into out_dir; returns the markdown table."""
-    tmp = os.path.join(out_dir, "results.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(_json_safe(results), f, indent=2, allow_nan=False)
-    os.replace(tmp, os.path.join(out_dir, "results.json"))
+    _write_json_atomic(os.path.join(out_dir, "results.json"), _json_safe(results))
     table = markdown(results)
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(table)
@@ -1461,7 +1455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     try:
                         record = run_case(case, s)
                     except Exception as exc:  # noqa: BLE001 - recorded; the suite goes on
-                        record = failed_record(case, s, f"run_case raised {_first_line(exc)}")
+                        record = failed_record(case, s, f"run_case raised {error_line(exc)}")
                     lost = _context_lost(s.device)
             except KeyboardInterrupt:  # SIGINT: Ctrl-C, or a time limit (timeout --signal=INT)
                 with contextlib.suppress(OSError, ValueError):
