@@ -4,8 +4,14 @@ On a CUDA machine each test runs once per CUDA backend: ``"cuda"`` (the CUDA C++
 of csrc/cuda/, where built; ops without one run Triton there) and ``"triton"`` (the
 Triton kernels called from Python). The oracle is :mod:`vos_kernels.reference` run in
 float64 on CPU copies of the same fresh random inputs. Without CUDA every test skips,
-except when ``VOS_CUDA_TESTS_ON_CPU=1``: then they run on CPU tensors with backend
-``"cpu"``, which checks this file's own logic on machines without a GPU.
+except when
+- ``VOS_CUDA_TESTS_ON_CPU=1``: they run on CPU tensors with backend ``"cpu"``, which
+  checks this file's own logic on machines without a GPU;
+- ``VOS_CUDA_TESTS_EMULATED=1``: they run the CUDA C++ kernels of csrc/cuda/ on the CPU
+  emulator of tests/cuda_emu (built and loaded at import, in place of the CPU kernels of
+  those ops, so run this file in a pytest process of its own). ``VOS_EMU_ORDER`` picks
+  the order in which the emulator runs the threads of a block between barriers and the
+  blocks of a grid; by default a shuffle seeded by the run's ``VOS_TEST_SEED``.
 
 Tolerances (documented in docs/internals.md, "CUDA precision"):
 - float32 under ``torch.get_float32_matmul_precision() == "highest"`` (torch's default):
@@ -22,6 +28,7 @@ either pixel; where the minimum is unique by a margin the index must be the orac
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -30,10 +37,21 @@ import oracle
 import vos_kernels as vk
 from vos_kernels import reference as R
 
-ON_CPU = os.environ.get("VOS_CUDA_TESTS_ON_CPU") == "1" and not torch.cuda.is_available()
+EMULATED = os.environ.get("VOS_CUDA_TESTS_EMULATED") == "1" and not torch.cuda.is_available()
+ON_CPU = (os.environ.get("VOS_CUDA_TESTS_ON_CPU") == "1" or EMULATED) and not torch.cuda.is_available()
 if torch.cuda.is_available():
     DEV = torch.device("cuda")
     BACKENDS = ["cuda", "triton"]
+elif EMULATED:
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emu"))
+    import build as cuda_emu  # noqa: E402
+    import conftest  # noqa: E402
+
+    # a fresh thread order per run, replayed with the run's VOS_TEST_SEED
+    os.environ.setdefault("VOS_EMU_ORDER", f"shuffle:{conftest.SESSION_SEED}")
+    cuda_emu.load()
+    DEV = torch.device("cpu")
+    BACKENDS = ["cuda-emulated"]
 elif ON_CPU:
     DEV = torch.device("cpu")
     BACKENDS = ["cpu"]
@@ -52,8 +70,13 @@ def backend(request):
     name = request.param
     if name == "cuda" and DEV.type == "cuda" and "cuda" not in vk.available_backends():
         pytest.skip("the CUDA C++ kernels are not built in this install")
-    vk.set_backend(name)
+    vk.set_backend("cpu" if name == "cuda-emulated" else name)   # the CPU key runs the emulator
     return name
+
+
+def cuda_cpp(backend):
+    """Whether the ops with a CUDA C++ kernel run it (on a GPU or on the emulator)."""
+    return EMULATED or (backend == "cuda" and DEV.type == "cuda")
 
 
 def no_f64_triton(backend, dtype):
@@ -193,12 +216,14 @@ def test_global_nan_propagates(gen, backend):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_global_half_inputs(gen, backend, dtype):
-    if DEV.type == "cpu":
+    if DEV.type == "cpu" and not EMULATED:
         pytest.skip("float16/bfloat16 inputs are a CUDA feature")
     q = randn(gen, 1, 12, 14, 32, dtype=dtype)
     r = randn(gen, 1, 1, 13, 11, 32, dtype=dtype)
     lab = labels(gen, 3, 1, 1, 13, 11)
-    sq, ix = vk.labelled_nearest_sqdist(q, r, lab, 3, 2)
+    # the emulator runs on CPU tensors, where the public API takes float32/64 only: the op
+    op = torch.ops.vos_kernels.labelled_nearest_sqdist if EMULATED else vk.labelled_nearest_sqdist
+    sq, ix = op(q, r, lab, 3, 2)
     assert sq.dtype == torch.float32
     want, _ = R.labelled_nearest_sqdist(*cpu64(q, r), lab.cpu(), 3, 2)
     assert_close_rel(sq, want, norm_scale(q, r), 1e-4, "sqdist (half inputs, float64 oracle on the same values)")
@@ -357,7 +382,7 @@ def test_gmm_em(gen, backend, shape, kernel):
     # tolerance from the float64 reference's sensitivity to float32 rounding (kappa 20 and
     # 6 iterations amplify it; a fixed 2e-4 failed ~2 % of random draws). The CUDA C++ EM
     # multiplies on the tensor cores for K >= 8, C >= 32: 3xTF32 under "highest", ~22 bits.
-    tensor_cores = backend == "cuda" and DEV.type == "cuda" and K >= 8 and C >= 32
+    tensor_cores = cuda_cpp(backend) and K >= 8 and C >= 32
     oracle.assert_within_rounding((means, resp), lambda a, b, w: R.gmm_em(a, b, iters, 20.0, w, kernel),
                                   (x, mu, mask), C, what=f"gmm_em {kernel}",
                                   unit=2.0 ** -22 if tensor_cores else 2.0 ** -24)
@@ -377,9 +402,78 @@ def test_prototype_ops(gen, backend):
 
 
 # ----------------------------------------------------------------------------------------
+# every dtype of the CUDA C++ kernels (the registered op: float64 and the half types, which
+# the Triton kernels and the public API on CPU tensors do not all take)
+# ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_cuda_cpp_ops_every_dtype(gen, backend, dtype):
+    if not cuda_cpp(backend):
+        pytest.skip("the dtypes of the CUDA C++ kernels (registered op)")
+    ops = torch.ops.vos_kernels
+    # float64: float64-accurate; half inputs: exact in float32, compared with the float64
+    # oracle on the same rounded values, float32 arithmetic (tolerance relative to the
+    # output's scale)
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    out_dt = torch.float64 if dtype == torch.float64 else torch.float32
+
+    L = 3
+    q = randn(gen, 2, 11, 13, 32, dtype=dtype)
+    p = randn(gen, 2, 11, 13, 32, dtype=dtype)
+    lab = labels(gen, L, 2, 11, 13)
+    bias = torch.linspace(-0.4, 0.4, L, device=DEV, dtype=out_dt)
+    fg, bg, _ = ops.fb_multi_local_matching(q, p, lab, L, [1, 4, 7], bias, 2)
+    assert fg.dtype == out_dt
+    wfg, wbg = R.fb_multi_local_matching(*cpu64(q, p), lab.cpu(), L, [1, 4, 7], bias.cpu().double(), 2)
+    assert_close_rel(fg, wfg, 1.0, tol * norm_scale(q, p), "local fg")
+    assert_close_rel(bg, wbg, 1.0, tol * norm_scale(q, p), "local bg")
+
+    pooled = ops.fb_instance_pooling(q, lab, L)
+    assert_close_rel(pooled, R.fb_instance_pooling(*cpu64(q), lab.cpu(), L), 1.0, tol, "pooling")
+
+    B, Nq, Nm, CK, CV, k = 2, 40, 300, 32, 24, 7
+    qk, mk, mv = randn(gen, B, Nq, CK, dtype=dtype), randn(gen, B, Nm, CK, dtype=dtype), randn(gen, B, Nm, CV,
+                                                                                              dtype=dtype)
+    usage = torch.zeros(B, Nm, device=DEV)
+    out, index, weight = ops.topk_memory_read(qk, mk, mv, k, CK ** -0.5, usage, 2)
+    u_ref = torch.zeros(B, Nm)
+    want, (windex, _) = R.topk_memory_read(*cpu64(qk, mk, mv), k, usage=u_ref, usage_mode="weights",
+                                           return_topk=True)
+    q64, m64 = cpu64(qk, mk)
+    aff = (2 * torch.einsum("bqc,bmc->bqm", q64, m64) - (m64 ** 2).sum(-1).unsqueeze(1)) * CK ** -0.5
+    top = aff.topk(k + 1, dim=-1).values
+    clear = (top[..., k - 1] - top[..., k]).abs() > 1e-4        # the k-th entry is not a near tie
+    assert clear.float().mean() > 0.5
+    assert torch.equal(index.cpu()[clear].sort(-1).values, windex[clear].sort(-1).values), "top-k sets"
+    assert_close_rel(out.cpu()[clear], want[clear], 1.0, tol, "readout")
+
+    x = randn(gen, 2, 150, 32, dtype=dtype, scale=32 ** -0.5)
+    mu = torch.nn.functional.normalize(randn(gen, 2, 8, 32), dim=-1).to(dtype)
+    keys = mu
+    vals = randn(gen, 2, 8, 20, dtype=dtype)
+    for kernel, kid in (("dot", 0), ("l2", 1)):
+        got, attn = ops.prototype_attention(x, keys, vals, 1.0, kid)
+        assert_close_rel(got, R.prototype_attention(*cpu64(x, keys, vals), 1.0, kernel), 1.0, tol,
+                         f"prototype_attention {kernel}")
+    resp = torch.softmax(randn(gen, 2, 150, 8), -1).to(dtype)
+    assert_close_rel(ops.prototype_values(x, resp), R.prototype_values(*cpu64(x, resp)), 1.0, tol,
+                     "prototype_values")
+    means, resp = ops.gmm_em(x, mu, 3, 10.0, None, 1, True)
+    if dtype == torch.float64:
+        wm, wr = R.gmm_em(*cpu64(x, mu), 3, 10.0, None, "l2")
+        assert_close_rel(means, wm, 1.0, 1e-9, "gmm_em means")
+        assert_close_rel(resp, wr, 1.0, 1e-9, "gmm_em resp")
+    else:
+        oracle.assert_within_rounding((means, resp), lambda a, b: R.gmm_em(a, b, 3, 10.0, None, "l2"),
+                                      tuple(t.float() for t in (x, mu)), 32, what="gmm_em (half inputs)",
+                                      unit=2.0 ** -22)
+
+
+# ----------------------------------------------------------------------------------------
 # determinism: bitwise-equal reruns
 # ----------------------------------------------------------------------------------------
 def test_determinism(gen, backend):
+    if EMULATED:
+        pytest.skip("the emulator runs threads one at a time: reruns are equal by construction")
     L = 4
     q = randn(gen, 2, 30, 33, 32)
     r = randn(gen, 2, 1, 30, 33, 32)

@@ -15,11 +15,16 @@
 namespace vos {
 namespace cuda {
 
+#ifdef VOS_CUDA_EMU
+// The CPU emulator build (tests/cuda_emu): the kernels run on CPU tensors, no stream.
+inline void* current_stream(const at::Tensor&) { return nullptr; }
+#else
 // The current CUDA stream of the tensor's device, as a cudaStream_t.
 inline void* current_stream(const at::Tensor& t) {
   c10::impl::VirtualGuardImpl impl(c10::DeviceType::CUDA);
   return impl.getStream(t.device()).native_handle();
 }
+#endif
 
 inline void check_launch(int code, const char* op) {
   TORCH_CHECK(code == 0, "vos_kernels::", op, ": CUDA error: ", error_string(code));
@@ -39,7 +44,11 @@ inline Dtype dtype_of(const at::Tensor& t, const char* op, const char* name) {
 }
 
 inline void check_cuda(const at::Tensor& t, const char* op, const char* name) {
+#ifdef VOS_CUDA_EMU
+  TORCH_CHECK(t.is_cpu(), "vos_kernels_emu::", op, ": ", name, " must be a CPU tensor, got ", t.device());
+#else
   TORCH_CHECK(t.is_cuda(), "vos_kernels::", op, ": ", name, " must be a CUDA tensor, got ", t.device());
+#endif
 }
 
 // torch.get_float32_matmul_precision(): "highest" -> fp32-accurate products.

@@ -1,0 +1,145 @@
+"""Build and load the CUDA C++ kernels of csrc/cuda/ on the CPU emulator (tests/cuda_emu).
+
+``load()`` translates every ``csrc/cuda/*.cu`` (translate.py), compiles it with g++
+against the emulator's headers, compiles the ATen glue with ``-DVOS_CUDA_EMU``, links one
+shared library and loads it. Loading registers the CUDA kernels at the CPU dispatch key of
+their ops (csrc/cuda/OPS), in place of the CPU C++ kernels, for the rest of the process:
+``torch.ops.vos_kernels.<op>`` on CPU tensors then runs the CUDA C++ kernel on the
+emulator. Load it only in a process of its own (tests/test_cuda.py with
+``VOS_CUDA_TESTS_EMULATED=1``). The library is cached under
+``build/cuda_emu/<hash of the sources>`` (or ``$VOS_EMU_BUILD_DIR``).
+
+    python tests/cuda_emu/build.py        # build only, print the library's path
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+CSRC = os.path.join(ROOT, "csrc")
+sys.path.insert(0, HERE)
+
+import translate  # noqa: E402
+
+_lib = None
+
+
+def available() -> str | None:
+    """None if the emulator can be built here, else why not."""
+    if shutil.which("g++") is None:
+        return "no g++"
+    if not sys.platform.startswith("linux"):
+        return "the emulator's fibers need Linux (ucontext)"
+    return None
+
+
+def _sources() -> tuple[list[str], list[str]]:
+    cu = sorted(glob.glob(os.path.join(CSRC, "cuda", "*.cu")))
+    glue = sorted(glob.glob(os.path.join(CSRC, "cuda", "*_glue.cpp")))
+    return cu, glue
+
+
+def _digest(torch_dir: str) -> str:
+    h = hashlib.sha256()
+    files = sorted(glob.glob(os.path.join(CSRC, "cuda", "*")) + glob.glob(os.path.join(HERE, "**", "*"),
+                                                                           recursive=True))
+    for f in files:
+        if os.path.isfile(f) and "__pycache__" not in f:
+            h.update(f.encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read())
+    h.update(torch_dir.encode())
+    return h.hexdigest()[:16]
+
+
+def build(jobs: int | None = None) -> str:
+    """Path to the emulator library, building it if the sources changed."""
+    import torch
+
+    torch_dir = os.path.dirname(torch.__file__)
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    out = os.environ.get("VOS_EMU_BUILD_DIR") or os.path.join(ROOT, "build", "cuda_emu", _digest(torch_dir))
+    lib = os.path.join(out, "libvos_kernels_cuda_emu.so")
+    if os.path.exists(lib):
+        return lib
+    os.makedirs(out, exist_ok=True)
+    cu, glue = _sources()
+    common = ["g++", "-c", "-O1", "-g0", "-fPIC", "-DVOS_CUDA_EMU", "-Wno-attributes", "-I" + CSRC]
+    cmds = []
+    for src in cu:
+        cpp = os.path.join(out, os.path.basename(src)[:-3] + ".emu.cpp")
+        with open(src) as f:
+            text = translate.translate_cu(f.read())
+        with open(cpp, "w") as f:
+            f.write(f'#line 1 "{src}"\n{text}')
+        cmds.append(common + ["-std=c++17", "-I" + os.path.join(HERE, "include"), cpp, "-o", cpp[:-4] + ".o"])
+    for src in glue:
+        cpp = os.path.join(out, os.path.basename(src)[:-4] + ".emu.cpp")
+        with open(src) as f:
+            text = translate.translate_glue(f.read())
+        with open(cpp, "w") as f:
+            f.write(f'#line 1 "{src}"\n{text}')
+        cmds.append(common + ["-std=c++20", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-I" + os.path.join(torch_dir, "include"),
+                              "-I" + os.path.join(torch_dir, "include", "torch", "csrc", "api", "include"), cpp,
+                              "-o", cpp[:-4] + ".o"])
+
+    def run(cmd):
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"emulator build failed: {' '.join(cmd)}\n{r.stderr[-6000:]}")
+        return cmd[-1]
+
+    with ThreadPoolExecutor(jobs or os.cpu_count() or 2) as pool:
+        objs = list(pool.map(run, cmds))
+    tmp = lib + f".tmp{os.getpid()}"
+    run(["g++", "-shared", "-o", tmp, *objs, "-L" + os.path.join(torch_dir, "lib"), "-lc10", "-ltorch_cpu",
+         "-Wl,-rpath," + os.path.join(torch_dir, "lib"), "-Wl,--no-undefined"])
+    os.replace(tmp, lib)
+    return lib
+
+
+def build_selftest() -> str:
+    """The emulator's own test kernels (selftest.cu) as a torch-free library for ctypes."""
+    out = os.environ.get("VOS_EMU_BUILD_DIR") or os.path.join(ROOT, "build", "cuda_emu", _digest(""))
+    lib = os.path.join(out, "libvos_emu_selftest.so")
+    if os.path.exists(lib):
+        return lib
+    os.makedirs(out, exist_ok=True)
+    src = os.path.join(HERE, "selftest.cu")
+    cpp = os.path.join(out, "selftest.emu.cpp")
+    with open(src) as f:
+        text = translate.translate_cu(f.read())
+    with open(cpp, "w") as f:
+        f.write(f'#line 1 "{src}"\n{text}')
+    tmp = lib + f".tmp{os.getpid()}"
+    r = subprocess.run(["g++", "-shared", "-O1", "-fPIC", "-std=c++17", "-Wno-attributes",
+                        "-I" + os.path.join(HERE, "include"), cpp, "-o", tmp], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"emulator self-test build failed:\n{r.stderr[-6000:]}")
+    os.replace(tmp, lib)
+    return lib
+
+
+def load() -> str:
+    """Build if needed and load the library (after vos_kernels, whose CPU kernels it
+    replaces for the ops of csrc/cuda/OPS); returns its path."""
+    global _lib
+    import torch
+
+    import vos_kernels  # noqa: F401  (the schemas and the CPU kernels first)
+
+    if _lib is None:
+        _lib = build()
+        torch.ops.load_library(_lib)
+    return _lib
+
+
+if __name__ == "__main__":
+    print(build())

@@ -1,0 +1,171 @@
+// Kernels that exercise the CUDA emulator itself (tests/test_cuda_emu.py): written as CUDA
+// C++, translated and compiled like csrc/cuda/*.cu, called through extern "C" entry points
+// on host memory. Each entry point returns the cudaGetLastError code of its launches.
+#include <cub/block/block_scan.cuh>
+#include <cub/device/device_radix_sort.cuh>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+__device__ __forceinline__ uint32_t f2tf32(float x) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return r;
+}
+
+// One m16n8k8 TF32 product D = A·B + C of row-major A [16,8], B [8,8], C/D [16,8], the
+// fragments loaded by the layout of the PTX ISA.
+__global__ void mma_kernel(const float* A, const float* B, const float* C, float* D) {
+  const int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
+  uint32_t a[4] = {__float_as_uint(A[g * 8 + t]), __float_as_uint(A[(g + 8) * 8 + t]),
+                   __float_as_uint(A[g * 8 + t + 4]), __float_as_uint(A[(g + 8) * 8 + t + 4])};
+  uint32_t b0 = __float_as_uint(B[t * 8 + g]), b1 = __float_as_uint(B[(t + 4) * 8 + g]);
+  float d[4] = {C[g * 8 + 2 * t], C[g * 8 + 2 * t + 1], C[(g + 8) * 8 + 2 * t], C[(g + 8) * 8 + 2 * t + 1]};
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  D[g * 8 + 2 * t] = d[0];
+  D[g * 8 + 2 * t + 1] = d[1];
+  D[(g + 8) * 8 + 2 * t] = d[2];
+  D[(g + 8) * 8 + 2 * t + 1] = d[3];
+}
+
+__global__ void tf32_kernel(const float* x, uint32_t* out, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = f2tf32(x[i]);
+}
+
+// Per lane: [0] butterfly sum, [1] value of lane (lane + 3) % 8 in groups of 8,
+// [2] xor-16 partner in width 16 (lanes < 16: their own value, the partner is in a later
+// group), [3] ballot of odd values,
+// [4] match_any mask of its value % 3, [5] __syncthreads_count of odd values.
+__global__ void warp_kernel(const int* v, int* out) {
+  const int lane = threadIdx.x & 31, tid = threadIdx.x;
+  const int x = v[tid];
+  int s = x;
+  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+  out[tid * 6 + 0] = s;
+  out[tid * 6 + 1] = __shfl_sync(0xffffffffu, x, (lane + 3) % 8, 8);
+  out[tid * 6 + 2] = __shfl_xor_sync(0xffffffffu, x, 16, 16);
+  out[tid * 6 + 3] = static_cast<int>(__ballot_sync(0xffffffffu, x & 1));
+  out[tid * 6 + 4] = static_cast<int>(__match_any_sync(0xffffffffu, x % 3));
+  out[tid * 6 + 5] = __syncthreads_count(x & 1);
+}
+
+// Lane 0 waits for its warp while the other lanes wait at the block barrier: deadlock.
+__global__ void deadlock_kernel(int* out) {
+  if (threadIdx.x == 0)
+    out[0] = __shfl_sync(0xffffffffu, 1, 1);
+  else
+    __syncthreads();
+}
+
+// Lanes 16..31 exit; lanes 0..15 then shuffle with a full mask.
+__global__ void exited_lane_kernel(int* out) {
+  if (threadIdx.x >= 16) return;
+  out[threadIdx.x] = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x), 0);
+}
+
+// cp.async of 4 floats per thread: out[0..3] read before the wait, out[4..7] after; src
+// bytes < 16 zero-fills the rest.
+__global__ void cp_async_kernel(const float* src, float* out, int src_bytes) {
+  extern __shared__ __align__(16) float smem[];
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem + 4 * threadIdx.x));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(src + 4 * threadIdx.x),
+               "r"(src_bytes));
+  asm volatile("cp.async.commit_group;");
+  for (int i = 0; i < 4; ++i) out[8 * threadIdx.x + i] = smem[4 * threadIdx.x + i];
+  asm volatile("cp.async.wait_group 0;" ::: "memory");
+  for (int i = 0; i < 4; ++i) out[8 * threadIdx.x + 4 + i] = smem[4 * threadIdx.x + i];
+}
+
+// Thread t writes smem[t]; after the barrier reads smem[(t + 1) % n]. Without the barrier
+// (sync = 0) the result depends on the order the emulator runs the threads in.
+__global__ void barrier_kernel(const int* v, int* out, int sync) {
+  extern __shared__ __align__(16) int ring[];
+  const int t = threadIdx.x, n = blockDim.x;
+  ring[t] = v[t];
+  if (sync) __syncthreads();
+  out[t] = ring[(t + 1) % n];
+}
+
+constexpr int kScan = 128;
+__global__ void scan_kernel(const int* v, int* out, int* total) {
+  using Scan = cub::BlockScan<int, kScan>;
+  __shared__ typename Scan::TempStorage tmp;
+  int x = v[threadIdx.x], agg;
+  Scan(tmp).ExclusiveSum(x, x, agg);
+  out[threadIdx.x] = x;
+  if (threadIdx.x == 0) *total = agg;
+}
+
+__global__ void noop_kernel(int* out) {
+  if (out) out[0] = 1;
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* st_error(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
+
+int st_mma(const float* A, const float* B, const float* C, float* D) {
+  mma_kernel<<<1, 32>>>(A, B, C, D);
+  return cudaGetLastError();
+}
+
+int st_tf32(const float* x, uint32_t* out, int n) {
+  tf32_kernel<<<(n + 63) / 64, 64>>>(x, out, n);
+  return cudaGetLastError();
+}
+
+int st_warp(const int* v, int* out, int threads) {
+  warp_kernel<<<1, threads>>>(v, out);
+  return cudaGetLastError();
+}
+
+int st_deadlock(int* out) {
+  deadlock_kernel<<<1, 64>>>(out);
+  return cudaGetLastError();
+}
+
+int st_exited_lane(int* out) {
+  exited_lane_kernel<<<1, 32>>>(out);
+  return cudaGetLastError();
+}
+
+int st_cp_async(const float* src, float* out, int threads, int src_bytes) {
+  cp_async_kernel<<<1, threads, 16 * threads>>>(src, out, src_bytes);
+  return cudaGetLastError();
+}
+
+int st_barrier(const int* v, int* out, int threads, int sync) {
+  barrier_kernel<<<1, threads, 4 * threads>>>(v, out, sync);
+  return cudaGetLastError();
+}
+
+int st_scan(const int* v, int* out, int* total) {
+  scan_kernel<<<1, kScan>>>(v, out, total);
+  return cudaGetLastError();
+}
+
+// Launch configuration: grid (gx, gy), block bx, dynamic smem bytes, opt-in bytes (0: none).
+int st_launch(unsigned gx, unsigned gy, unsigned bx, int smem, int optin) {
+  const cudaError_t e = cudaFuncSetAttribute(noop_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin);
+  if (e != cudaSuccess) return cudaGetLastError();
+  noop_kernel<<<dim3(gx, gy), bx, static_cast<size_t>(smem)>>>(nullptr);
+  return cudaGetLastError();
+}
+
+int st_sort(const unsigned* keys, const float* vals, unsigned* keys_out, float* vals_out, int n, int end_bit) {
+  size_t bytes = 0;
+  cub::DeviceRadixSort::SortPairs(nullptr, bytes, keys, keys_out, vals, vals_out, n, 0, end_bit);
+  std::vector<unsigned char> temp(bytes);
+  return cub::DeviceRadixSort::SortPairs(temp.data(), bytes, keys, keys_out, vals, vals_out, n, 0, end_bit);
+}
+
+}  // extern "C"
