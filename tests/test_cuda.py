@@ -399,6 +399,11 @@ def test_prototype_ops(gen, backend):
     resp = torch.softmax(randn(gen, 2, 300, 20), -1)
     assert_close_rel(vk.prototype_values(vals[:, :1].expand(2, 300, 48).contiguous(), resp),
                      R.prototype_values(*cpu64(vals[:, :1].expand(2, 300, 48), resp)), 1.0, 1e-4, "prototype_values")
+    # a long N with few (b, k) blocks: split over N, partial sums reduced by a second kernel
+    v_long = randn(gen, 1, 3000, 40)
+    r_long = torch.softmax(randn(gen, 1, 3000, 6), -1)
+    assert_close_rel(vk.prototype_values(v_long, r_long), R.prototype_values(*cpu64(v_long, r_long)), 1.0, 1e-4,
+                     "prototype_values (N split)")
 
 
 # ----------------------------------------------------------------------------------------
