@@ -10,6 +10,16 @@ emulator. Load it only in a process of its own (tests/test_cuda.py with
 ``build/cuda_emu/<hash of the sources>`` (or ``$VOS_EMU_BUILD_DIR``).
 
     python tests/cuda_emu/build.py        # build only, print the library's path
+
+``VOS_EMU_SANITIZE=address`` builds with AddressSanitizer, which then reports any
+out-of-bounds access of a kernel to a tensor (torch's CPU allocations) or to shared memory
+(allocated per block at its launch size). The process needs the runtime preloaded:
+
+    LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so.6)" \
+    ASAN_OPTIONS=detect_leaks=0 VOS_EMU_SANITIZE=address VOS_CUDA_TESTS_EMULATED=1 \
+    python -m pytest -q tests/test_cuda.py
+
+(ASan warns once that it does not fully support swapcontext, which the fibers use.)
 """
 from __future__ import annotations
 
@@ -46,8 +56,16 @@ def _sources() -> tuple[list[str], list[str]]:
     return cu, glue
 
 
+def _sanitize_flags() -> list[str]:
+    mode = os.environ.get("VOS_EMU_SANITIZE", "")
+    if mode not in ("", "address"):
+        raise ValueError(f"VOS_EMU_SANITIZE: expected 'address' or nothing, got {mode!r}")
+    return ["-fsanitize=address", "-fno-omit-frame-pointer"] if mode else []
+
+
 def _digest(torch_dir: str) -> str:
     h = hashlib.sha256()
+    h.update(repr(_sanitize_flags()).encode())
     files = sorted(glob.glob(os.path.join(CSRC, "cuda", "*")) + glob.glob(os.path.join(HERE, "**", "*"),
                                                                            recursive=True))
     for f in files:
@@ -71,7 +89,8 @@ def build(jobs: int | None = None) -> str:
         return lib
     os.makedirs(out, exist_ok=True)
     cu, glue = _sources()
-    common = ["g++", "-c", "-O1", "-g0", "-fPIC", "-DVOS_CUDA_EMU", "-Wno-attributes", "-I" + CSRC]
+    common = ["g++", "-c", "-O1", "-g0", "-fPIC", "-DVOS_CUDA_EMU", "-Wno-attributes", *_sanitize_flags(),
+              "-I" + CSRC]
     cmds = []
     for src in cu:
         cpp = os.path.join(out, os.path.basename(src)[:-3] + ".emu.cpp")
@@ -99,7 +118,7 @@ def build(jobs: int | None = None) -> str:
     with ThreadPoolExecutor(jobs or os.cpu_count() or 2) as pool:
         objs = list(pool.map(run, cmds))
     tmp = lib + f".tmp{os.getpid()}"
-    run(["g++", "-shared", "-o", tmp, *objs, "-L" + os.path.join(torch_dir, "lib"), "-lc10", "-ltorch_cpu",
+    run(["g++", "-shared", *_sanitize_flags(), "-o", tmp, *objs, "-L" + os.path.join(torch_dir, "lib"), "-lc10", "-ltorch_cpu",
          "-Wl,-rpath," + os.path.join(torch_dir, "lib"), "-Wl,--no-undefined"])
     os.replace(tmp, lib)
     return lib
@@ -119,7 +138,7 @@ def build_selftest() -> str:
     with open(cpp, "w") as f:
         f.write(f'#line 1 "{src}"\n{text}')
     tmp = lib + f".tmp{os.getpid()}"
-    r = subprocess.run(["g++", "-shared", "-O1", "-fPIC", "-std=c++17", "-Wno-attributes",
+    r = subprocess.run(["g++", "-shared", "-O1", "-fPIC", "-std=c++17", "-Wno-attributes", *_sanitize_flags(),
                         "-I" + os.path.join(HERE, "include"), cpp, "-o", tmp], capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"emulator self-test build failed:\n{r.stderr[-6000:]}")
