@@ -44,7 +44,7 @@ if torch.cuda.is_available():
     BACKENDS = ["cuda", "triton"]
 elif EMULATED:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emu"))
-    import build as cuda_emu  # noqa: E402
+    import emu_build as cuda_emu  # noqa: E402
     import conftest  # noqa: E402
 
     # a fresh thread order per run, replayed with the run's VOS_TEST_SEED

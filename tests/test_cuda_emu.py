@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emu"))
-import build as cuda_emu  # noqa: E402
+import emu_build as cuda_emu  # noqa: E402
 
 pytestmark = pytest.mark.skipif(cuda_emu.available() is not None, reason=f"emulator: {cuda_emu.available()}")
 

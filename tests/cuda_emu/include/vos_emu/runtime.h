@@ -1,5 +1,6 @@
 // A CPU emulator for the CUDA C++ kernels of csrc/cuda/, for tests on machines without a
-// GPU (tests/test_cuda_emulated.py). Not a general CUDA implementation: it provides what
+// GPU (tests/test_cuda.py with VOS_CUDA_TESTS_EMULATED=1; tests/test_cuda_emu.py tests the
+// emulator itself). Not a general CUDA implementation: it provides what
 // those kernels use, with the semantics the CUDA programming guide and the PTX ISA give,
 // and reports what a GPU would leave undefined instead of guessing.
 //
@@ -174,6 +175,10 @@ inline State g;
 inline void yield() { swapcontext(&g.fibers[g.current].ctx, &g.sched); }
 
 [[noreturn]] inline void fail(const std::string& what) {
+  if (g.current < 0) {  // host code: not a kernel's error, an emulator misuse
+    std::fprintf(stderr, "vos_emu: %s (outside a kernel)\n", what.c_str());
+    std::abort();
+  }
   if (!g.failed) {
     g.failed = true;
     char where[160];

@@ -1,6 +1,6 @@
 """Build and load the CUDA C++ kernels of csrc/cuda/ on the CPU emulator (tests/cuda_emu).
 
-``load()`` translates every ``csrc/cuda/*.cu`` (translate.py), compiles it with g++
+``load()`` translates every ``csrc/cuda/*.cu`` (emu_translate.py), compiles it with g++
 against the emulator's headers, compiles the ATen glue with ``-DVOS_CUDA_EMU``, links one
 shared library and loads it. Loading registers the CUDA kernels at the CPU dispatch key of
 their ops (csrc/cuda/OPS), in place of the CPU C++ kernels, for the rest of the process:
@@ -9,7 +9,7 @@ emulator. Load it only in a process of its own (tests/test_cuda.py with
 ``VOS_CUDA_TESTS_EMULATED=1``). The library is cached under
 ``build/cuda_emu/<hash of the sources>`` (or ``$VOS_EMU_BUILD_DIR``).
 
-    python tests/cuda_emu/build.py        # build only, print the library's path
+    python tests/cuda_emu/emu_build.py        # build only, print the library's path
 
 ``VOS_EMU_SANITIZE=address`` builds with AddressSanitizer, which then reports any
 out-of-bounds access of a kernel to a tensor (torch's CPU allocations) or to shared memory
@@ -36,7 +36,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 CSRC = os.path.join(ROOT, "csrc")
 sys.path.insert(0, HERE)
 
-import translate  # noqa: E402
+import emu_translate as translate  # noqa: E402
 
 _lib = None
 
