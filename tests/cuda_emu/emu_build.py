@@ -77,6 +77,17 @@ def _digest(torch_dir: str) -> str:
     return h.hexdigest()[:16]
 
 
+def _translated(src: str, out: str, translate_fn) -> str:
+    """Writes ``translate_fn`` of ``src`` to ``out/<name>.emu.cpp`` (compiler messages keep
+    the original file and lines) and returns that path."""
+    cpp = os.path.join(out, os.path.splitext(os.path.basename(src))[0] + ".emu.cpp")
+    with open(src) as f:
+        text = translate_fn(f.read())
+    with open(cpp, "w") as f:
+        f.write(f'#line 1 "{src}"\n{text}')
+    return cpp
+
+
 def build(jobs: int | None = None) -> str:
     """Path to the emulator library, building it if the sources changed."""
     import torch
@@ -93,18 +104,10 @@ def build(jobs: int | None = None) -> str:
               "-I" + CSRC]
     cmds = []
     for src in cu:
-        cpp = os.path.join(out, os.path.basename(src)[:-3] + ".emu.cpp")
-        with open(src) as f:
-            text = translate.translate_cu(f.read())
-        with open(cpp, "w") as f:
-            f.write(f'#line 1 "{src}"\n{text}')
+        cpp = _translated(src, out, translate.translate_cu)
         cmds.append(common + ["-std=c++17", "-I" + os.path.join(HERE, "include"), cpp, "-o", cpp[:-4] + ".o"])
     for src in glue:
-        cpp = os.path.join(out, os.path.basename(src)[:-4] + ".emu.cpp")
-        with open(src) as f:
-            text = translate.translate_glue(f.read())
-        with open(cpp, "w") as f:
-            f.write(f'#line 1 "{src}"\n{text}')
+        cpp = _translated(src, out, translate.translate_glue)
         cmds.append(common + ["-std=c++20", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-I" + os.path.join(torch_dir, "include"),
                               "-I" + os.path.join(torch_dir, "include", "torch", "csrc", "api", "include"), cpp,
                               "-o", cpp[:-4] + ".o"])
@@ -131,12 +134,7 @@ def build_selftest() -> str:
     if os.path.exists(lib):
         return lib
     os.makedirs(out, exist_ok=True)
-    src = os.path.join(HERE, "selftest.cu")
-    cpp = os.path.join(out, "selftest.emu.cpp")
-    with open(src) as f:
-        text = translate.translate_cu(f.read())
-    with open(cpp, "w") as f:
-        f.write(f'#line 1 "{src}"\n{text}')
+    cpp = _translated(os.path.join(HERE, "selftest.cu"), out, translate.translate_cu)
     tmp = lib + f".tmp{os.getpid()}"
     r = subprocess.run(["g++", "-shared", "-O1", "-fPIC", "-std=c++17", "-Wno-attributes", *_sanitize_flags(),
                         "-I" + os.path.join(HERE, "include"), cpp, "-o", tmp], capture_output=True, text=True)
