@@ -45,7 +45,7 @@ inline Dtype dtype_of(const at::Tensor& t, const char* op, const char* name) {
 
 inline void check_cuda(const at::Tensor& t, const char* op, const char* name) {
 #ifdef VOS_CUDA_EMU
-  TORCH_CHECK(t.is_cpu(), "vos_kernels_emu::", op, ": ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.is_cpu(), "vos_kernels::", op, " (CUDA emulator): ", name, " must be a CPU tensor, got ", t.device());
 #else
   TORCH_CHECK(t.is_cuda(), "vos_kernels::", op, ": ", name, " must be a CUDA tensor, got ", t.device());
 #endif

@@ -36,15 +36,21 @@ def _match_back_angle(s: str, end: int) -> int:
     raise ValueError("unbalanced template arguments before <<<")
 
 
+def _string_end(s: str, i: int) -> int:
+    """Index of the '"' closing the string literal that opens at s[i]."""
+    j = i + 1
+    while s[j] != '"':
+        j += 2 if s[j] == "\\" else 1
+    return j
+
+
 def _match_paren(s: str, start: int) -> int:
     """Index of the ')' matching the '(' at s[start] (string literals skipped)."""
     depth, i = 0, start
     while i < len(s):
         c = s[i]
         if c == '"':
-            i += 1
-            while s[i] != '"':
-                i += 2 if s[i] == "\\" else 1
+            i = _string_end(s, i)
         elif c == "(":
             depth += 1
         elif c == ")":
@@ -92,9 +98,7 @@ def _split_top(s: str, sep: str) -> list[str]:
     while i < len(s):
         c = s[i]
         if c == '"':
-            j = i + 1
-            while s[j] != '"':
-                j += 2 if s[j] == "\\" else 1
+            j = _string_end(s, i)
             cur.append(s[i:j + 1])
             i = j + 1
             continue

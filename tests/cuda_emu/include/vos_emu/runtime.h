@@ -79,13 +79,8 @@ struct alignas(16) double2 {
 struct alignas(8) uint2 {
   unsigned x, y;
 };
-struct alignas(16) int4 {
-  int x, y, z, w;
-};
 inline float2 make_float2(float x, float y) { return {x, y}; }
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
-inline double2 make_double2(double x, double y) { return {x, y}; }
-inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
 
 enum cudaError {
   cudaSuccess = 0,
@@ -425,19 +420,15 @@ inline void run_grid(const char* name, const char* signature, const void* kernel
   g.body = std::move(body);
   g.failed = false;
   const uint64_t nblocks = uint64_t(grid.x) * grid.y * grid.z;
-  std::vector<uint64_t> blocks;
-  if (mode == "forward" || nblocks > (1u << 20)) {
-    blocks.resize(nblocks);
-    for (uint64_t i = 0; i < nblocks; ++i) blocks[i] = i;
-  } else {
-    std::vector<unsigned> o = order(static_cast<unsigned>(nblocks), mode, 0x5eed);
-    blocks.assign(o.begin(), o.end());
-  }
-  uint64_t salt = 1;
-  for (uint64_t b : blocks) {
+  // a grid of more than 2^20 blocks runs forward (its order table would be large)
+  const bool reorder = mode != "forward" && nblocks <= (1u << 20);
+  const std::vector<unsigned> o = reorder ? order(static_cast<unsigned>(nblocks), mode, 0x5eed)
+                                          : std::vector<unsigned>();
+  for (uint64_t i = 0; i < nblocks; ++i) {
+    const uint64_t b = reorder ? o[i] : i;
     blockIdx = uint3{static_cast<unsigned>(b % grid.x), static_cast<unsigned>((b / grid.x) % grid.y),
                      static_cast<unsigned>(b / (uint64_t(grid.x) * grid.y))};
-    if (!run_block(static_cast<unsigned>(nthreads), smem, mode, salt++)) {
+    if (!run_block(static_cast<unsigned>(nthreads), smem, mode, i + 1)) {
       set_error(cudaErrorLaunchFailure, std::string("emulator: ") + name + ": " + g.message);
       std::fprintf(stderr, "vos_emu: %s: %s\n", name, g.message.c_str());
       break;
@@ -567,7 +558,6 @@ inline void cp_async_wait_all(const char*) {
 // ---- device functions and intrinsics ------------------------------------------------------
 inline void __syncthreads() { vos_emu::block_barrier(0); }
 inline int __syncthreads_count(int pred) { return vos_emu::block_barrier(pred != 0); }
-inline int __syncthreads_or(int pred) { return vos_emu::block_barrier(pred != 0) != 0; }
 inline void __syncwarp(unsigned mask = 0xffffffffu) { vos_emu::warp_barrier(mask, "__syncwarp"); }
 
 template <class T>
@@ -583,20 +573,6 @@ inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
   if (s >= ((lane / unsigned(width)) + 1) * unsigned(width)) s = lane;  // a later group: own value
   return vos_emu::exchange(mask, v, s, "__shfl_xor_sync");
 }
-template <class T>
-inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
-  const unsigned lane = vos_emu::lane_id();
-  unsigned s = lane + delta;
-  if ((s & ~unsigned(width - 1)) != (lane & ~unsigned(width - 1))) s = lane;
-  return vos_emu::exchange(mask, v, s, "__shfl_down_sync");
-}
-template <class T>
-inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
-  const unsigned lane = vos_emu::lane_id();
-  const unsigned s = (lane & unsigned(width - 1)) >= delta ? lane - delta : lane;
-  return vos_emu::exchange(mask, v, s, "__shfl_up_sync");
-}
-
 inline unsigned __ballot_sync(unsigned mask, int pred) {
   vos_emu::Warp& w = vos_emu::my_warp();
   w.slot[vos_emu::lane_id()] = pred != 0;
@@ -608,7 +584,6 @@ inline unsigned __ballot_sync(unsigned mask, int pred) {
   return r;
 }
 inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) != 0; }
-inline int __all_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred) == mask; }
 
 template <class T>
 inline unsigned __match_any_sync(unsigned mask, T v) {
@@ -624,24 +599,14 @@ inline unsigned __match_any_sync(unsigned mask, T v) {
 }
 
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
-inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
 inline int __ffs(int x) { return __builtin_ffs(x); }
-inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigned>(x)); }
 
 inline float __int_as_float(int x) { return vos_emu::from_bits<float>(static_cast<uint32_t>(x)); }
 inline float __uint_as_float(unsigned x) { return vos_emu::from_bits<float>(x); }
 inline int __float_as_int(float x) { return static_cast<int>(vos_emu::to_bits(x)); }
 inline unsigned __float_as_uint(float x) { return static_cast<unsigned>(vos_emu::to_bits(x)); }
 inline double __longlong_as_double(long long x) { return vos_emu::from_bits<double>(static_cast<uint64_t>(x)); }
-inline long long __double_as_longlong(double x) { return static_cast<long long>(vos_emu::to_bits(x)); }
 inline float __fmul_rn(float a, float b) { return a * b; }
-inline float __fadd_rn(float a, float b) { return a + b; }
-inline float __fdividef(float a, float b) { return a / b; }
-inline float __expf(float x) { return std::exp(x); }
-inline float __logf(float x) { return std::log(x); }
-inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
-inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
-inline float __saturatef(float x) { return x != x ? 0.f : std::min(1.f, std::max(0.f, x)); }
 
 template <class T>
 inline T __ldg(const T* p) {
@@ -679,32 +644,12 @@ inline T atomicMin(T* p, U v) {
   if (static_cast<T>(v) < old) *p = static_cast<T>(v);
   return old;
 }
-template <class T, class U>
-inline T atomicMax(T* p, U v) {
-  const T old = *p;
-  if (old < static_cast<T>(v)) *p = static_cast<T>(v);
-  return old;
-}
-template <class T, class U>
-inline T atomicExch(T* p, U v) {
-  const T old = *p;
-  *p = static_cast<T>(v);
-  return old;
-}
-template <class T, class U, class V>
-inline T atomicCAS(T* p, U cmp, V v) {
-  const T old = *p;
-  if (old == static_cast<T>(cmp)) *p = static_cast<T>(v);
-  return old;
-}
-
 // ---- runtime API --------------------------------------------------------------------------
 inline cudaError_t cudaGetLastError() {
   const cudaError_t e = vos_emu::g.last_error;
   vos_emu::g.last_error = cudaSuccess;
   return e;
 }
-inline cudaError_t cudaPeekAtLastError() { return vos_emu::g.last_error; }
 inline const char* cudaGetErrorString(cudaError_t e) {
   switch (e) {
     case cudaSuccess: return "no error";
@@ -748,9 +693,5 @@ inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, F*, int
 }
 inline cudaError_t cudaMemsetAsync(void* p, int v, size_t bytes, cudaStream_t = nullptr) {
   if (bytes) std::memset(p, v, bytes);
-  return cudaSuccess;
-}
-inline cudaError_t cudaMemcpyAsync(void* d, const void* s, size_t bytes, int, cudaStream_t = nullptr) {
-  if (bytes) std::memcpy(d, s, bytes);
   return cudaSuccess;
 }
