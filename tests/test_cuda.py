@@ -59,6 +59,17 @@ else:
     DEV = torch.device("cpu")
     BACKENDS = ["cuda", "triton"]
 
+# The emulator built with ThreadSanitizer (scripts/race_check.sh): a race reported while a
+# test runs fails that test.
+RACE_CHECK = EMULATED and os.environ.get("VOS_EMU_SANITIZE") == "thread"
+if RACE_CHECK:
+    @pytest.fixture(autouse=True)
+    def _no_race_report(capfd):
+        yield
+        err = capfd.readouterr().err
+        if "WARNING: ThreadSanitizer" in err:
+            pytest.fail(f"ThreadSanitizer reported a race in a CUDA kernel:\n{err[:12000]}", pytrace=False)
+
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available() and not ON_CPU, reason="needs a CUDA GPU"),

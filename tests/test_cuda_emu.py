@@ -5,12 +5,17 @@ the emulator; that is worth only as much as the emulator's semantics. These test
 them with the small CUDA kernels of tests/cuda_emu/selftest.cu: the mma.m16n8k8 TF32
 fragment layout and rounding, warp shuffles / ballot / match, __syncthreads_count,
 cp.async completing at its wait (and zero-filling), deadlock and exited-lane reports,
-the launch limits, the thread orders, and the cub stand-ins.
+the launch limits, the thread orders, and the cub stand-ins; and the race detector (the
+emulator built with ThreadSanitizer, tests/cuda_emu/race_cases.py in a subprocess): a race
+for a missing __syncthreads or __syncwarp, a shuffle that orders no memory, a plain += on a
+shared counter and a cp.async copy read by another thread without a barrier; none for the
+same kernels correctly ordered, for atomics or for the emulator's own bookkeeping.
 """
 from __future__ import annotations
 
 import ctypes
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -181,3 +186,49 @@ def test_sort_pairs_is_stable_on_the_key_bits(st, rng):
     assert st.st_sort(ptr(keys), ptr(vals), ptr(ko), ptr(vo), n, 12) == 0
     order = np.argsort(keys & 0xFFF, kind="stable")    # bits 20.. are outside [0, 12): ignored
     assert np.array_equal(vo, vals[order]) and np.array_equal(ko, keys[order])
+
+
+# ---- race detector (the emulator built with ThreadSanitizer) --------------------------------
+def _tsan_env() -> dict:
+    env = dict(os.environ)
+    env.update(
+        LD_PRELOAD=cuda_emu.tsan_runtime(),
+        VOS_EMU_SANITIZE="thread",
+        # report every race, even one whose stacks or address an earlier report had
+        TSAN_OPTIONS="suppress_equal_stacks=0 suppress_equal_addresses=0",
+    )
+    return env
+
+
+@pytest.fixture(scope="module")
+def race_reports():
+    """{case: its stderr} of tests/cuda_emu/race_cases.py run under ThreadSanitizer."""
+    if cuda_emu.tsan_runtime() is None:
+        pytest.skip("g++ has no ThreadSanitizer runtime")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emu", "race_cases.py")
+    # build first without the runtime preloaded (g++ under ThreadSanitizer is slow)
+    env = _tsan_env()
+    subprocess.run([sys.executable, "-c", "import emu_build; emu_build.build_selftest()"], check=True,
+                   env={**os.environ, "VOS_EMU_SANITIZE": "thread"}, cwd=os.path.dirname(script))
+    r = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
+    parts = r.stderr.split("=== ")
+    reports = {p.split("\n", 1)[0]: p for p in parts[1:]}
+    assert "end" in reports, f"race_cases.py did not finish (exit {r.returncode}):\n{r.stderr[-4000:]}"
+    return reports
+
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emu"))
+import race_cases  # noqa: E402
+
+
+@pytest.mark.parametrize("case", list(race_cases.CASES))
+def test_race_detector(race_reports, case):
+    racy_kernel = race_cases.CASES[case][0]
+    text = race_reports[case]
+    assert "CASE FAILED" not in text, text
+    if racy_kernel is None:
+        assert "ThreadSanitizer" not in text, f"a race reported in a race-free case:\n{text[:6000]}"
+    else:
+        assert "WARNING: ThreadSanitizer: data race" in text, f"no race reported:\n{text[:3000]}"
+        first = text.split("WARNING: ThreadSanitizer", 2)[1]
+        assert racy_kernel in first and "of block (0,0,0)" in first, first[:6000]

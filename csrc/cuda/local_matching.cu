@@ -105,6 +105,18 @@ __device__ __forceinline__ unsigned long long make_key(float d, unsigned int id)
   return (static_cast<unsigned long long>(hi) << 32) | id;
 }
 
+// The running minimum of a shared-memory key, read without an atomic before an atomicMin that
+// may not be needed: a relaxed load at block scope (PTX ISA, memory consistency model), so it
+// is well defined beside the atomicMin of other threads. The keys only decrease, so a stale
+// value is never below the current one and at worst costs an atomicMin that changes nothing.
+__device__ __forceinline__ unsigned long long load_relaxed_shared(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.relaxed.cta.shared.u64 %0, [%1];"
+               : "=l"(v)
+               : "r"(static_cast<unsigned>(__cvta_generic_to_shared(p))));
+  return v;
+}
+
 struct LocalParams {
   const void* q;
   const void* p;
@@ -278,13 +290,13 @@ __global__ void __launch_bounds__(kMaxThreads, 1) local_fast_kernel(const LocalP
           if (slot == cur) {
             ck = key < ck ? key : ck;
           } else {
-            if (cur >= 0 && ck < *static_cast<volatile unsigned long long*>(sq + cur))
+            if (cur >= 0 && ck < load_relaxed_shared(sq + cur))
               atomicMin(sq + cur, ck);
             cur = slot;
             ck = key;
           }
         }
-        if (cur >= 0 && ck < *static_cast<volatile unsigned long long*>(sq + cur))
+        if (cur >= 0 && ck < load_relaxed_shared(sq + cur))
           atomicMin(sq + cur, ck);
       }
     }

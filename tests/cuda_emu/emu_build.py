@@ -20,9 +20,13 @@ out-of-bounds access of a kernel to a tensor (torch's CPU allocations) or to sha
     python -m pytest -q tests/test_cuda.py
 
 (ASan warns once that it does not fully support swapcontext, which the fibers use.)
+
+``VOS_EMU_SANITIZE=thread`` builds with ThreadSanitizer, the emulator's race detector
+(runtime.h, "Data races"): ``bash scripts/race_check.sh`` runs tests/test_cuda.py on it.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import os
@@ -56,11 +60,31 @@ def _sources() -> tuple[list[str], list[str]]:
     return cu, glue
 
 
+_SANITIZE = {"": [], "address": ["-fsanitize=address", "-fno-omit-frame-pointer"],
+             "thread": ["-fsanitize=thread", "-g1"]}  # -g1: file and line in its reports
+
+
 def _sanitize_flags() -> list[str]:
     mode = os.environ.get("VOS_EMU_SANITIZE", "")
-    if mode not in ("", "address"):
-        raise ValueError(f"VOS_EMU_SANITIZE: expected 'address' or nothing, got {mode!r}")
-    return ["-fsanitize=address", "-fno-omit-frame-pointer"] if mode else []
+    if mode not in _SANITIZE:
+        raise ValueError(f"VOS_EMU_SANITIZE: expected 'address', 'thread' or nothing, got {mode!r}")
+    return _SANITIZE[mode]
+
+
+@functools.lru_cache(maxsize=None)
+def tsan_runtime() -> str | None:
+    """Path of g++'s ThreadSanitizer runtime, to LD_PRELOAD into this interpreter
+    (``sys.executable``), or None if g++ has none or this interpreter does not start with
+    it preloaded (a sanitizer runtime that cannot map its shadow memory here)."""
+    try:
+        path = subprocess.run(["g++", "-print-file-name=libtsan.so"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return None
+    if not (os.path.isabs(path) and os.path.exists(path)):
+        return None
+    probe = subprocess.run([sys.executable, "-c", "pass"], env={**os.environ, "LD_PRELOAD": path},
+                           capture_output=True, timeout=120)
+    return path if probe.returncode == 0 else None
 
 
 def _digest(torch_dir: str) -> str:

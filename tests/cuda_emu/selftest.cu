@@ -93,6 +93,56 @@ __global__ void barrier_kernel(const int* v, int* out, int sync) {
   out[t] = ring[(t + 1) % n];
 }
 
+// Race-detector cases (a build with VOS_EMU_SANITIZE=thread; tests/test_cuda_emu.py).
+// Lane l writes s[l], then reads s[l ^ 1] after `order`: 0 nothing, 1 __syncwarp, 2 a shuffle
+// (which exchanges registers and orders no memory).
+__global__ void warp_handoff_kernel(const int* v, int* out, int order) {
+  extern __shared__ __align__(16) int s[];
+  const int l = threadIdx.x;
+  s[l] = v[l];
+  if (order == 1) __syncwarp();
+  if (order == 2) (void)__shfl_sync(0xffffffffu, l, 0);
+  out[l] = s[l ^ 1];
+}
+
+// Every thread adds 1 to one shared counter, by atomicAdd (atomic = 1) or by a plain +=.
+__global__ void counter_kernel(int* out, int atomic) {
+  __shared__ int count;
+  if (threadIdx.x == 0) count = 0;
+  __syncthreads();
+  if (atomic)
+    atomicAdd(&count, 1);
+  else
+    count += 1;
+  __syncthreads();
+  if (threadIdx.x == 0) out[0] = count;
+}
+
+// Thread t copies 16 bytes to shared memory by cp.async, waits for them, then reads its
+// neighbour's copy, after a __syncthreads (sync = 1) or not.
+__global__ void cp_async_neighbour_kernel(const float* src, float* out, int sync) {
+  extern __shared__ __align__(16) float smem[];
+  const int t = threadIdx.x, n = blockDim.x;
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem + 4 * t));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, 16;" ::"r"(s), "l"(src + 4 * t));
+  asm volatile("cp.async.commit_group;");
+  asm volatile("cp.async.wait_group 0;" ::: "memory");
+  if (sync) __syncthreads();
+  out[t] = smem[4 * ((t + 1) % n)];
+}
+
+// Threads >= 16 write s[t] and exit; the others read s[t + 16] after a __syncthreads.
+__global__ void exit_then_barrier_kernel(const int* v, int* out) {
+  extern __shared__ __align__(16) int s[];
+  const int t = threadIdx.x;
+  if (t >= 16) {
+    s[t] = v[t];
+    return;
+  }
+  __syncthreads();
+  out[t] = s[t + 16];
+}
+
 constexpr int kScan = 128;
 __global__ void scan_kernel(const int* v, int* out, int* total) {
   using Scan = cub::BlockScan<int, kScan>;
@@ -145,6 +195,26 @@ int st_cp_async(const float* src, float* out, int threads, int src_bytes) {
 
 int st_barrier(const int* v, int* out, int threads, int sync) {
   barrier_kernel<<<1, threads, 4 * threads>>>(v, out, sync);
+  return cudaGetLastError();
+}
+
+int st_warp_handoff(const int* v, int* out, int order) {
+  warp_handoff_kernel<<<1, 32, 32 * sizeof(int)>>>(v, out, order);
+  return cudaGetLastError();
+}
+
+int st_counter(int* out, int threads, int atomic) {
+  counter_kernel<<<1, threads>>>(out, atomic);
+  return cudaGetLastError();
+}
+
+int st_cp_async_neighbour(const float* src, float* out, int threads, int sync) {
+  cp_async_neighbour_kernel<<<1, threads, 16 * threads>>>(src, out, sync);
+  return cudaGetLastError();
+}
+
+int st_exit_then_barrier(const int* v, int* out) {
+  exit_then_barrier_kernel<<<1, 32, 32 * sizeof(int)>>>(v, out);
   return cudaGetLastError();
 }
 

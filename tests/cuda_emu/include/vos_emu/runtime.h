@@ -8,9 +8,9 @@
 //   - a launch runs its blocks one after another; the threads of a block are fibers
 //     (ucontext) on one OS thread, switched only at __syncthreads, warp collectives
 //     (__shfl*_sync, __syncwarp, __any_sync, __match_any_sync, mma.sync) and
-//     cp.async.wait_group. Between those points a thread runs alone, so data races do
-//     not show up (compute-sanitizer racecheck on a GPU is the tool for those), but a
-//     missing barrier usually does: the order in which threads run between barriers is
+//     cp.async.wait_group. Between those points a thread runs alone, so a data race does
+//     not change a result (the ThreadSanitizer build below reports it), but a missing
+//     barrier usually does: the order in which threads run between barriers is
 //     forward, reverse or shuffled (VOS_EMU_ORDER=forward|reverse|shuffle[:seed]), and
 //     the tests run each case in more than one order;
 //   - __syncthreads waits for every thread of the block that has not exited; a warp
@@ -29,9 +29,32 @@
 //     cudaErrorInvalidValue would.
 // A failed launch returns cudaErrorLaunchFailure from cudaGetLastError, and
 // cudaGetErrorString gives the emulator's message.
+//
+// Data races (built with -fsanitize=thread, VOS_EMU_SANITIZE=thread in emu_build.py): each
+// thread of a block is a ThreadSanitizer fiber, and the emulator tells ThreadSanitizer the
+// orderings CUDA guarantees and no others: __syncthreads (and __syncthreads_count) orders
+// the block's threads, __syncwarp the lanes it names, a launch and a block's start follow the
+// host code before them, and the host code after a block follows all of its threads. Warp
+// shuffles, ballots, match and mma exchange registers only and order no memory; atomics are
+// relaxed. ThreadSanitizer then reports any two accesses of a block's threads to one address,
+// shared or global, at least one a write and not both atomic, with no such ordering between
+// them: what compute-sanitizer racecheck reports for shared memory on a GPU, plus global
+// memory within a block. Blocks run in order, so races between blocks are not reported. The
+// emulator's own bookkeeping runs with ThreadSanitizer ignoring it (Quiet below); a
+// cp.async copy counts as a write of the thread that issued it, made at its wait_group.
 #pragma once
 
 #include <ucontext.h>
+
+#if defined(__SANITIZE_THREAD__)
+#include <sanitizer/tsan_interface.h>
+extern "C" {
+void AnnotateIgnoreReadsBegin(const char* file, int line);
+void AnnotateIgnoreReadsEnd(const char* file, int line);
+void AnnotateIgnoreWritesBegin(const char* file, int line);
+void AnnotateIgnoreWritesEnd(const char* file, int line);
+}
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -119,6 +142,50 @@ inline constexpr int kSmemOptin = 232448;
 inline constexpr int kSmemPerSM = 233472;
 inline constexpr size_t kStackBytes = 256 * 1024;
 
+// ---- ThreadSanitizer hooks (no-ops in a plain build) ---------------------------------------
+#if defined(__SANITIZE_THREAD__)
+inline constexpr bool kRaceCheck = true;
+// ThreadSanitizer ignores the reads and writes of the calling fiber while one is alive: the
+// emulator's bookkeeping (barrier counters, warp exchange slots, queues) is not the kernel's.
+struct Quiet {
+  Quiet() {
+    AnnotateIgnoreReadsBegin(__FILE__, __LINE__);
+    AnnotateIgnoreWritesBegin(__FILE__, __LINE__);
+  }
+  ~Quiet() {
+    AnnotateIgnoreWritesEnd(__FILE__, __LINE__);
+    AnnotateIgnoreReadsEnd(__FILE__, __LINE__);
+  }
+  Quiet(const Quiet&) = delete;
+  Quiet& operator=(const Quiet&) = delete;
+};
+inline void hb_release(void* a) { __tsan_release(a); }
+inline void hb_acquire(void* a) { __tsan_acquire(a); }
+inline void* tsan_current() { return __tsan_get_current_fiber(); }
+inline void* tsan_new_fiber() { return __tsan_create_fiber(0); }
+inline void tsan_name(void* f, const char* name) { __tsan_set_fiber_name(f, name); }
+inline void tsan_destroy(void* f) { __tsan_destroy_fiber(f); }
+// Not instrumented: an instrumented function would enter on one fiber's stack and leave on
+// the other's.
+__attribute__((no_sanitize("thread"))) inline void tsan_switch(void* f) {
+  __tsan_switch_to_fiber(f, __tsan_switch_to_fiber_no_sync);
+}
+#else
+inline constexpr bool kRaceCheck = false;
+struct Quiet {
+  Quiet() {}
+  Quiet(const Quiet&) = delete;
+  Quiet& operator=(const Quiet&) = delete;
+};
+inline void hb_release(void*) {}
+inline void hb_acquire(void*) {}
+inline void* tsan_current() { return nullptr; }
+inline void* tsan_new_fiber() { return nullptr; }
+inline void tsan_name(void*, const char*) {}
+inline void tsan_destroy(void*) {}
+inline void tsan_switch(void*) {}
+#endif
+
 struct Copy {
   unsigned char* dst;
   const unsigned char* src;
@@ -138,6 +205,7 @@ struct Fiber {
 
 struct Warp {
   unsigned gen = 0, count = 0, mask = 0;
+  char sync[2];  // ThreadSanitizer sync objects of __syncwarp, by generation parity
   unsigned exist = 0, exited = 0;
   uint64_t slot[32];
   uint32_t a[32][4], b[32][2];
@@ -153,6 +221,12 @@ struct State {
   unsigned live = 0;
   unsigned bar_gen = 0, bar_count = 0;
   int bar_acc = 0, bar_result = 0;
+  // ThreadSanitizer: its fiber of the host code, one fiber per thread index (kept across
+  // blocks and launches), and the sync objects of __syncthreads (by generation parity), of
+  // a block's start (host -> threads) and of its threads' exits (threads -> host)
+  void* tsan_host = nullptr;
+  std::vector<void*> tsan_fibers;
+  char bar_sync[2], block_start, block_end;
   uint64_t progress = 0;
   unsigned char* smem = nullptr;
   size_t smem_bytes = 0;
@@ -167,9 +241,14 @@ struct State {
 };
 inline State g;
 
-inline void yield() { swapcontext(&g.fibers[g.current].ctx, &g.sched); }
+// Back to the scheduler (the host code's fiber).
+inline void yield() {
+  tsan_switch(g.tsan_host);
+  swapcontext(&g.fibers[g.current].ctx, &g.sched);
+}
 
 [[noreturn]] inline void fail(const std::string& what) {
+  Quiet q;
   if (g.current < 0) {  // host code: not a kernel's error, an emulator misuse
     std::fprintf(stderr, "vos_emu: %s (outside a kernel)\n", what.c_str());
     std::abort();
@@ -182,7 +261,7 @@ inline void yield() { swapcontext(&g.fibers[g.current].ctx, &g.sched); }
     g.message = what + where;
   }
   // a failed block is abandoned: back to the scheduler, never resumed
-  swapcontext(&g.fibers[g.current].ctx, &g.sched);
+  yield();
   std::abort();
 }
 
@@ -212,17 +291,23 @@ inline void release_block_barrier_if_complete() {
 }
 
 inline int block_barrier(int pred) {
+  Quiet q;
   const unsigned gen = g.bar_gen;
+  hb_release(&g.bar_sync[gen & 1]);
   ++g.bar_count;
   g.bar_acc += pred;
   ++g.progress;
   release_block_barrier_if_complete();
   wait_until("__syncthreads", [&] { return g.bar_gen != gen; });
+  hb_acquire(&g.bar_sync[gen & 1]);
   return g.bar_result;
 }
 
 // ---- warp collectives ---------------------------------------------------------------------
-inline void warp_barrier(unsigned mask, const char* what) {
+// Waits for the lanes of `mask`; `orders_memory` (__syncwarp) also orders their memory
+// accesses before it with those after it, for ThreadSanitizer.
+inline void warp_barrier(unsigned mask, const char* what, bool orders_memory = false) {
+  Quiet q;
   Warp& w = my_warp();
   const unsigned lane = lane_id();
   if (!((mask >> lane) & 1u)) fail(std::string(what) + ": the calling lane is not in the mask");
@@ -235,19 +320,21 @@ inline void warp_barrier(unsigned mask, const char* what) {
     fail(std::string(what) + m);
   }
   const unsigned gen = w.gen;
+  if (orders_memory) hb_release(&w.sync[gen & 1]);
   ++w.count;
   ++g.progress;
   if (w.count == static_cast<unsigned>(__builtin_popcount(mask))) {
     w.count = 0;
     ++w.gen;
-    return;
+  } else {
+    while (w.gen == gen) {
+      if (mask & w.exited) fail(std::string(what) + ": the mask names a lane that has exited");
+      me().waiting = what;
+      yield();
+    }
+    me().waiting = nullptr;
   }
-  while (w.gen == gen) {
-    if (mask & w.exited) fail(std::string(what) + ": the mask names a lane that has exited");
-    me().waiting = what;
-    yield();
-  }
-  me().waiting = nullptr;
+  if (orders_memory) hb_acquire(&w.sync[gen & 1]);
 }
 
 template <class T>
@@ -268,6 +355,7 @@ inline T from_bits(uint64_t b) {
 // i.e. NaN or -1, where `src` is not in the mask: undefined on a GPU).
 template <class T>
 inline T exchange(unsigned mask, T v, unsigned src, const char* what) {
+  Quiet q;
   Warp& w = my_warp();
   w.slot[lane_id()] = to_bits(v);
   warp_barrier(mask, what);
@@ -286,6 +374,7 @@ inline void complete(std::vector<Copy>& group) {
 }
 
 inline unsigned char* shared_address(uint32_t s, int bytes, const char* what) {
+  Quiet q;
   if (g.smem == nullptr || s + static_cast<size_t>(bytes) > g.smem_bytes)
     fail(std::string(what) + ": shared address out of the block's dynamic shared memory");
   if (s % bytes != 0) fail(std::string(what) + ": misaligned shared address");
@@ -293,14 +382,26 @@ inline unsigned char* shared_address(uint32_t s, int bytes, const char* what) {
 }
 
 // ---- launch -------------------------------------------------------------------------------
-inline void fiber_entry() {
+// The bottom frame of every thread. Not instrumented: it switches ThreadSanitizer to the host
+// fiber before it returns, so an instrumented exit here would pop the host's stack.
+__attribute__((no_sanitize("thread"))) inline void fiber_entry() {
+  hb_acquire(&g.block_start);
   g.body();
-  Fiber& f = me();
-  f.done = true;
-  --g.live;
-  g.warps[f.tid >> 5].exited |= 1u << (f.tid & 31u);
-  ++g.progress;
-  release_block_barrier_if_complete();
+  // an exited thread's accesses are ordered before every later barrier of its block and
+  // before the host code after the block
+  hb_release(&g.bar_sync[0]);
+  hb_release(&g.bar_sync[1]);
+  hb_release(&g.block_end);
+  {
+    Quiet q;
+    Fiber& f = me();
+    f.done = true;
+    --g.live;
+    g.warps[f.tid >> 5].exited |= 1u << (f.tid & 31u);
+    ++g.progress;
+    release_block_barrier_if_complete();
+  }
+  tsan_switch(g.tsan_host);
   // returns to g.sched through uc_link
 }
 
@@ -352,6 +453,19 @@ inline bool run_block(unsigned nthreads, size_t smem, const std::string& mode, u
     f.ctx.uc_link = &g.sched;
     makecontext(&f.ctx, fiber_entry, 0);
   }
+  if (kRaceCheck) {
+    if (g.tsan_fibers.size() < nthreads) g.tsan_fibers.resize(nthreads, nullptr);
+    for (unsigned t = 0; t < nthreads; ++t) {
+      if (!g.tsan_fibers[t]) g.tsan_fibers[t] = tsan_new_fiber();
+      // reports name the thread: "thread (x,y,z) of block (x,y,z)"
+      const uint3 i = g.fibers[t].idx;
+      char name[96];
+      std::snprintf(name, sizeof name, "thread (%u,%u,%u) of block (%u,%u,%u)", i.x, i.y, i.z, blockIdx.x,
+                    blockIdx.y, blockIdx.z);
+      tsan_name(g.tsan_fibers[t], name);
+    }
+  }
+  hb_release(&g.block_start);
   const std::vector<unsigned> o = order(nthreads, mode, salt);
   while (g.live > 0 && !g.failed) {
     const uint64_t before = g.progress;
@@ -359,6 +473,7 @@ inline bool run_block(unsigned nthreads, size_t smem, const std::string& mode, u
       if (g.fibers[i].done) continue;
       g.current = static_cast<int>(i);
       threadIdx = g.fibers[i].idx;
+      tsan_switch(kRaceCheck ? g.tsan_fibers[i] : nullptr);
       swapcontext(&g.sched, &g.fibers[i].ctx);
       if (g.failed) break;
     }
@@ -372,6 +487,15 @@ inline bool run_block(unsigned nthreads, size_t smem, const std::string& mode, u
       std::snprintf(where, sizeof where, " (block %u,%u,%u)", blockIdx.x, blockIdx.y, blockIdx.z);
       g.message = m + where;
     }
+  }
+  hb_acquire(&g.block_end);
+  if (kRaceCheck && g.failed) {
+    // the threads of a failed block stay suspended mid-kernel: new fibers for their indices
+    for (unsigned t = 0; t < nthreads; ++t)
+      if (!g.fibers[t].done) {
+        tsan_destroy(g.tsan_fibers[t]);
+        g.tsan_fibers[t] = nullptr;
+      }
   }
   for (Fiber& f : g.fibers) std::free(f.stack);
   g.fibers.clear();
@@ -396,6 +520,8 @@ inline void trace(const char* name, const char* signature, dim3 grid, dim3 block
 
 inline void run_grid(const char* name, const char* signature, const void* kernel, dim3 grid, dim3 block,
                      size_t smem, std::function<void()> body) {
+  Quiet q;  // the host side of a launch is bookkeeping
+  g.tsan_host = tsan_current();
   trace(name, signature, grid, block, smem);
   const uint64_t nthreads = uint64_t(block.x) * block.y * block.z;
   char m[200];
@@ -484,6 +610,7 @@ inline void mma_sync_aligned_m16n8k8_row_col_f32_tf32_tf32_f32(const char*, floa
                                                                 float& d3, uint32_t a0, uint32_t a1, uint32_t a2,
                                                                 uint32_t a3, uint32_t b0, uint32_t b1, float c0,
                                                                 float c1, float c2, float c3) {
+  Quiet q;
   Warp& w = my_warp();
   const unsigned lane = lane_id();
   w.a[lane][0] = a0, w.a[lane][1] = a1, w.a[lane][2] = a2, w.a[lane][3] = a3;
@@ -517,11 +644,18 @@ inline void mma_sync_aligned_m16n8k8_row_col_f32_tf32_tf32_f32(const char*, floa
   d0 = out[0], d1 = out[1], d2 = out[2], d3 = out[3];
 }
 
+// A relaxed atomic load, for ThreadSanitizer an atomic beside the atomics of other threads.
+inline void ld_relaxed_cta_shared_u64(const char*, unsigned long long& v, uint32_t s) {
+  v = __atomic_load_n(reinterpret_cast<unsigned long long*>(shared_address(s, 8, "ld.relaxed.cta.shared.u64")),
+                      __ATOMIC_RELAXED);
+}
+
 inline void cp_async(uint32_t s, const void* gmem, int bytes, int src_bytes, const char* what) {
   if (src_bytes < 0 || src_bytes > bytes) fail(std::string(what) + ": src-size outside [0, cp-size]");
   unsigned char* dst = shared_address(s, bytes, what);
   if (src_bytes > 0 && reinterpret_cast<uintptr_t>(gmem) % bytes != 0)
     fail(std::string(what) + ": misaligned global address");
+  Quiet q;
   me().open_group.push_back(Copy{dst, static_cast<const unsigned char*>(gmem), bytes, src_bytes});
 }
 inline void cp_async_cg_shared_global(const char*, uint32_t s, const void* gmem, int bytes, int src_bytes) {
@@ -533,17 +667,24 @@ inline void cp_async_ca_shared_global(const char*, uint32_t s, const void* gmem,
   cp_async(s, gmem, bytes, src_bytes, "cp.async.ca");
 }
 inline void cp_async_commit_group(const char*) {
+  Quiet q;
   Fiber& f = me();
   f.groups.push_back(std::move(f.open_group));
   f.open_group.clear();
 }
 inline void cp_async_wait_group(const char*, int n) {
-  Fiber& f = me();
-  while (static_cast<int>(f.groups.size()) > n) {
-    complete(f.groups.front());
-    f.groups.erase(f.groups.begin());
+  std::vector<std::vector<Copy>> due;
+  {
+    Quiet q;
+    Fiber& f = me();
+    while (static_cast<int>(f.groups.size()) > n) {
+      due.push_back(std::move(f.groups.front()));
+      f.groups.erase(f.groups.begin());
+    }
   }
+  for (std::vector<Copy>& group : due) complete(group);  // this thread's writes, for ThreadSanitizer
   // a switch point: other threads run before this one reads what it waited for
+  Quiet q;
   ++g.progress;
   yield();
 }
@@ -558,7 +699,7 @@ inline void cp_async_wait_all(const char*) {
 // ---- device functions and intrinsics ------------------------------------------------------
 inline void __syncthreads() { vos_emu::block_barrier(0); }
 inline int __syncthreads_count(int pred) { return vos_emu::block_barrier(pred != 0); }
-inline void __syncwarp(unsigned mask = 0xffffffffu) { vos_emu::warp_barrier(mask, "__syncwarp"); }
+inline void __syncwarp(unsigned mask = 0xffffffffu) { vos_emu::warp_barrier(mask, "__syncwarp", true); }
 
 template <class T>
 inline T __shfl_sync(unsigned mask, T v, int src, int width = 32) {
@@ -574,6 +715,7 @@ inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
   return vos_emu::exchange(mask, v, s, "__shfl_xor_sync");
 }
 inline unsigned __ballot_sync(unsigned mask, int pred) {
+  vos_emu::Quiet q;
   vos_emu::Warp& w = vos_emu::my_warp();
   w.slot[vos_emu::lane_id()] = pred != 0;
   vos_emu::warp_barrier(mask, "__ballot_sync");
@@ -587,6 +729,7 @@ inline int __any_sync(unsigned mask, int pred) { return __ballot_sync(mask, pred
 
 template <class T>
 inline unsigned __match_any_sync(unsigned mask, T v) {
+  vos_emu::Quiet q;
   vos_emu::Warp& w = vos_emu::my_warp();
   const uint64_t mine = vos_emu::to_bits(v);
   w.slot[vos_emu::lane_id()] = mine;
@@ -631,18 +774,24 @@ inline std::common_type_t<A, B> max(A a, B b) {
   return static_cast<C>(a) < static_cast<C>(b) ? static_cast<C>(b) : static_cast<C>(a);
 }
 
-// Atomics: fibers never switch inside one, so a plain read-modify-write is atomic here.
-template <class T, class U>
-inline T atomicAdd(T* p, U v) {
-  const T old = *p;
-  *p = static_cast<T>(old + v);
+// Atomics, relaxed as CUDA's are. Fibers never switch inside one, so any read-modify-write
+// would be atomic here; the compiler's atomic builtins make ThreadSanitizer see them as atomic.
+template <class T, class F>
+inline T atomic_update(T* p, F f) {
+  T old, desired;
+  __atomic_load(p, &old, __ATOMIC_RELAXED);
+  do {
+    desired = f(old);
+  } while (!__atomic_compare_exchange(p, &old, &desired, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
   return old;
 }
 template <class T, class U>
+inline T atomicAdd(T* p, U v) {
+  return atomic_update(p, [v](T old) { return static_cast<T>(old + v); });
+}
+template <class T, class U>
 inline T atomicMin(T* p, U v) {
-  const T old = *p;
-  if (static_cast<T>(v) < old) *p = static_cast<T>(v);
-  return old;
+  return atomic_update(p, [v](T old) { return static_cast<T>(v) < old ? static_cast<T>(v) : old; });
 }
 // ---- runtime API --------------------------------------------------------------------------
 inline cudaError_t cudaGetLastError() {
