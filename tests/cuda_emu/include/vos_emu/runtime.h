@@ -33,15 +33,18 @@
 // Data races (built with -fsanitize=thread, VOS_EMU_SANITIZE=thread in emu_build.py): each
 // thread of a block is a ThreadSanitizer fiber, and the emulator tells ThreadSanitizer the
 // orderings CUDA guarantees and no others: __syncthreads (and __syncthreads_count) orders
-// the block's threads, __syncwarp the lanes it names, a launch and a block's start follow the
-// host code before them, and the host code after a block follows all of its threads. Warp
-// shuffles, ballots, match and mma exchange registers only and order no memory; atomics are
-// relaxed. ThreadSanitizer then reports any two accesses of a block's threads to one address,
-// shared or global, at least one a write and not both atomic, with no such ordering between
-// them: what compute-sanitizer racecheck reports for shared memory on a GPU, plus global
-// memory within a block. Blocks run in order, so races between blocks are not reported. The
-// emulator's own bookkeeping runs with ThreadSanitizer ignoring it (Quiet below); a
-// cp.async copy counts as a write of the thread that issued it, made at its wait_group.
+// the block's threads, __syncwarp the lanes it names, a launch and a block's start follow
+// the host code before them, and the host code after a block follows all of its threads.
+// One leniency: a thread that has exited counts as having arrived at every later barrier of
+// its block (the barrier waits only for the others). Warp shuffles, ballots, match and mma
+// exchange registers only and order no memory; atomics are relaxed. ThreadSanitizer then
+// reports two accesses of a block's threads to one address, shared or global, at least one
+// a write and not both atomic, with no such ordering between them: what compute-sanitizer
+// racecheck reports for shared memory on a GPU, plus global memory within a block. Blocks
+// run in order, so races between blocks are not reported; and it keeps the last 4 accesses
+// per 8 bytes, so a race among many accesses to one word may go unreported. The emulator's
+// own bookkeeping runs with ThreadSanitizer ignoring it (Quiet below); a cp.async copy
+// counts as a write of the thread that issued it, made at its wait_group.
 #pragma once
 
 #include <ucontext.h>
