@@ -23,6 +23,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emu"))
 import emu_build as cuda_emu  # noqa: E402
+import race_cases  # noqa: E402
 
 pytestmark = pytest.mark.skipif(cuda_emu.available() is not None, reason=f"emulator: {cuda_emu.available()}")
 
@@ -205,20 +206,16 @@ def race_reports():
     """{case: its stderr} of tests/cuda_emu/race_cases.py run under ThreadSanitizer."""
     if cuda_emu.tsan_runtime() is None:
         pytest.skip("g++ has no ThreadSanitizer runtime")
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emu", "race_cases.py")
+    script = race_cases.__file__
     # build first without the runtime preloaded (g++ under ThreadSanitizer is slow)
-    env = _tsan_env()
     subprocess.run([sys.executable, "-c", "import emu_build; emu_build.build_selftest()"], check=True,
                    env={**os.environ, "VOS_EMU_SANITIZE": "thread"}, cwd=os.path.dirname(script))
-    r = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, script], env=_tsan_env(), capture_output=True, text=True, timeout=600)
     parts = r.stderr.split("=== ")
     reports = {p.split("\n", 1)[0]: p for p in parts[1:]}
     assert "end" in reports, f"race_cases.py did not finish (exit {r.returncode}):\n{r.stderr[-4000:]}"
     return reports
 
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emu"))
-import race_cases  # noqa: E402
 
 
 @pytest.mark.parametrize("case", list(race_cases.CASES))
