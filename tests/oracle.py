@@ -126,6 +126,51 @@ def fb(sqdist, index, bias):
     return fg, bg
 
 
+def _smallest_two_gap(x, dim):
+    """Smallest gap between the two smallest finite entries along ``dim``, over all other
+    positions (inf where fewer than two are finite)."""
+    x = x.movedim(dim, -1)
+    if x.shape[-1] < 2:
+        return INF
+    two = x.topk(2, dim=-1, largest=False).values
+    gap = torch.where(torch.isinf(two[..., 1]), torch.full_like(two[..., 0], INF), two[..., 1] - two[..., 0])
+    return float(gap.min()) if gap.numel() else INF
+
+
+def fb_min_gap(D, cand, bias):
+    """The smallest margin of the two minima fb matching takes, for float64 gradcheck.
+
+    D, cand as from ``global_candidates`` / ``local_candidates`` (label axis 1); bias [L].
+    Returns the least of (a) the gap between the nearest and second-nearest candidate of
+    each (query pixel, label[, window]), and (b) the gap between the two smallest
+    ``d_l + bias_l`` over the labels of each query pixel[, window], which orders the
+    ``fg`` values the background minimum picks from (tanh is increasing).
+
+    A minimum is not differentiable at a tie. Moving one input by gradcheck's eps = 1e-6
+    moves a squared distance by about ``2 * |q_c - r_c| * eps`` (~1e-5 for randn inputs),
+    so a finite difference across a gap below that straddles two branches and disagrees
+    with the analytical gradient. Tests draw inputs until this gap is well above it.
+    """
+    Dm = torch.where(cand, D.double(), torch.full_like(D, INF, dtype=torch.float64))
+    gap_candidates = _smallest_two_gap(Dm, -1)
+    d = Dm.min(-1).values                                          # [B, L, ...]
+    b = bias.detach().cpu().double().view(1, -1, *([1] * (d.dim() - 2)))
+    gap_labels = _smallest_two_gap(d + b, 1)
+    return min(gap_candidates, gap_labels)
+
+
+def draw_separated(draw, gap, margin=1e-4, tries=200):
+    """``draw()`` again until ``gap(*draw())`` exceeds ``margin``; returns that draw.
+
+    For gradient checks through minima (see ``fb_min_gap``): redrawing from the test's
+    generator keeps the run replayable from its seed."""
+    for _ in range(tries):
+        xs = draw()
+        if gap(*xs) > margin:
+            return xs
+    raise AssertionError(f"no draw in {tries} had every minimum separated by more than {margin}")
+
+
 def pooling(embedding, labels, L):
     """[B,L,2,C]: mean of the pixels of label l, and of the labelled pixels not of l
     (denominators count + 1e-5). Pixels are selected, not multiplied by a 0/1 mask, so a

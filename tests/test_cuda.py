@@ -592,15 +592,21 @@ def test_large_topk_64bit_offsets(gen, backend):
 def test_gradcheck_float64(gen, backend):
     no_f64_triton(backend, torch.float64)
     L = 3
-    q = randn(gen, 1, 4, 5, 6, dtype=torch.float64).requires_grad_()
-    r = randn(gen, 1, 1, 5, 4, 6, dtype=torch.float64).requires_grad_()
-    lab = labels(gen, L, 1, 1, 5, 4, ignore=False)
     bias = torch.tensor([-0.3, 0.2, 0.2], dtype=torch.float64, device=DEV, requires_grad=True)
+    # inputs whose minima are not near ties, where a finite difference straddles two branches
+    q, r, lab = oracle.draw_separated(
+        lambda: (randn(gen, 1, 4, 5, 6, dtype=torch.float64), randn(gen, 1, 1, 5, 4, 6, dtype=torch.float64),
+                 labels(gen, L, 1, 1, 5, 4, ignore=False)),
+        lambda q, r, lab: oracle.fb_min_gap(*oracle.global_candidates(*cpu64(q, r, lab), L), bias))
+    q, r = q.requires_grad_(), r.requires_grad_()
     assert torch.autograd.gradcheck(lambda a, b, c: vk.fb_global_matching(a, b, lab, L, c, 1), (q, r, bias))
-    p = randn(gen, 1, 4, 5, 6, dtype=torch.float64).requires_grad_()
+    q4, lab4 = q[:, :4, :4].detach().contiguous(), lab[:, 0, :4, :4].contiguous()
+    (p4,) = oracle.draw_separated(
+        lambda: (randn(gen, 1, 4, 4, 6, dtype=torch.float64),),
+        lambda p4: oracle.fb_min_gap(*oracle.local_candidates(*cpu64(q4, p4, lab4), L, [1, 2]), bias))
     assert torch.autograd.gradcheck(
-        lambda a, b, c: vk.fb_multi_local_matching(a, b, lab[:, 0, :4, :4].contiguous(), L, [1, 2], c, 1),
-        (q[:, :4, :4].detach().requires_grad_(), p[:, :4, :4].detach().requires_grad_(), bias))
+        lambda a, b, c: vk.fb_multi_local_matching(a, b, lab4, L, [1, 2], c, 1),
+        (q4.requires_grad_(), p4.requires_grad_(), bias))
     pq = randn(gen, 2, 7, 6, dtype=torch.float64).requires_grad_()
     pk = randn(gen, 2, 4, 6, dtype=torch.float64).requires_grad_()
     pv = randn(gen, 2, 4, 5, dtype=torch.float64).requires_grad_()

@@ -341,20 +341,45 @@ def test_instance_pooling_nan_and_empty(gen):
 # ---------------------------------------------------------------------------------------
 
 
+def test_fb_min_gap_sees_near_ties():
+    """The guard of the gradchecks below: it measures both minima fb matching takes."""
+    q = torch.zeros(1, 1, 1, 2, dtype=torch.float64)
+    r = torch.tensor([[[[[1.0, 0.0], [0.0, 1.0 + 1e-7], [3.0, 0.0]]]]], dtype=torch.float64)  # sqdist 1, 1+2e-7, 9
+    bias = torch.zeros(2, dtype=torch.float64)
+    gap = oracle.fb_min_gap(*oracle.global_candidates(q, r, torch.tensor([[[[0, 0, 1]]]]), 2), bias)
+    assert gap == pytest.approx(2e-7, rel=1e-3)                      # two candidates of label 0
+    gap = oracle.fb_min_gap(*oracle.global_candidates(q, r, torch.tensor([[[[0, 1, 1]]]]), 2), bias)
+    assert gap == pytest.approx(2e-7, rel=1e-3)                      # label 0 at 1, label 1 at 1 + 2e-7
+    gap = oracle.fb_min_gap(*oracle.global_candidates(q, r, torch.tensor([[[[0, 1, 1]]]]), 2),
+                            torch.tensor([0.0, 0.5], dtype=torch.float64))
+    assert gap == pytest.approx(0.5, rel=1e-3)                       # bias separates the labels
+    draws = iter([(0.0,), (1.0,)])
+    assert oracle.draw_separated(lambda: next(draws), lambda x: x) == (1.0,)
+    with pytest.raises(AssertionError, match="separated"):
+        oracle.draw_separated(lambda: (0.0,), lambda x: x, tries=3)
+
+
 def test_gradcheck_global(gen):
-    q = rand(gen, 1, 3, 3, 4, dtype=torch.float64).requires_grad_()
-    r = rand(gen, 1, 2, 3, 3, 4, dtype=torch.float64).requires_grad_()
-    lab = labels(gen, 3, 1, 2, 3, 3)
     bias = rand(gen, 3, dtype=torch.float64).requires_grad_()
+    # minima separated by more than a finite difference moves them (oracle.fb_min_gap)
+    q, r, lab = oracle.draw_separated(
+        lambda: (rand(gen, 1, 3, 3, 4, dtype=torch.float64), rand(gen, 1, 2, 3, 3, 4, dtype=torch.float64),
+                 labels(gen, 3, 1, 2, 3, 3)),
+        lambda q, r, lab: min(oracle.fb_min_gap(*oracle.global_candidates(q, r, lab, 3, rate), bias)
+                              for rate in (1, 2)))
+    q, r = q.requires_grad_(), r.requires_grad_()
     torch.autograd.gradcheck(lambda q, r, b: vos_kernels.fb_global_matching(q, r, lab, 3, b, 1), (q, r, bias))
     torch.autograd.gradcheck(lambda q, r: vos_kernels.labelled_nearest_sqdist(q, r, lab, 3, 2)[0].nan_to_num(posinf=0.0), (q, r))
 
 
 def test_gradcheck_local(gen):
-    q = rand(gen, 1, 4, 4, 3, dtype=torch.float64).requires_grad_()
-    p = rand(gen, 1, 4, 4, 3, dtype=torch.float64).requires_grad_()
-    lab = labels(gen, 3, 1, 4, 4)
     bias = rand(gen, 3, dtype=torch.float64).requires_grad_()
+    q, p, lab = oracle.draw_separated(
+        lambda: (rand(gen, 1, 4, 4, 3, dtype=torch.float64), rand(gen, 1, 4, 4, 3, dtype=torch.float64),
+                 labels(gen, 3, 1, 4, 4)),
+        lambda q, p, lab: min(oracle.fb_min_gap(*oracle.local_candidates(q, p, lab, 3, w, rate), bias)
+                              for w, rate in (([1, 2], 1), ([2], 2))))
+    q, p = q.requires_grad_(), p.requires_grad_()
     torch.autograd.gradcheck(lambda q, p, b: vos_kernels.fb_multi_local_matching(q, p, lab, 3, [1, 2], b, 1), (q, p, bias))
     torch.autograd.gradcheck(lambda q, p, b: vos_kernels.fb_multi_local_matching(q, p, lab, 3, [2], b, 2), (q, p, bias))
 
