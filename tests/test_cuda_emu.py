@@ -217,7 +217,6 @@ def race_reports():
     return reports
 
 
-
 @pytest.mark.parametrize("case", list(race_cases.CASES))
 def test_race_detector(race_reports, case):
     racy_kernel = race_cases.CASES[case][0]
