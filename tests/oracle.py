@@ -12,6 +12,7 @@ argmin), which makes them the gradient oracle too; ``sqdist_backward`` is the or
 the backward op given the argmin indices.
 """
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 INF = float("inf")
 
@@ -140,7 +141,8 @@ def _smallest_two_gap(x, dim):
 def fb_min_gap(D, cand, bias):
     """The smallest margin of the two minima fb matching takes, for float64 gradcheck.
 
-    D, cand as from ``global_candidates`` / ``local_candidates`` (label axis 1); bias [L].
+    D, cand as from ``global_candidates`` / ``local_candidates`` (label axis 1); bias [L],
+    or None for ``labelled_nearest_sqdist`` (then (a) only).
     Returns the least of (a) the gap between the nearest and second-nearest candidate of
     each (query pixel, label[, window]), and (b) the gap between the two smallest
     ``d_l + bias_l`` over the labels of each query pixel[, window], which orders the
@@ -154,6 +156,8 @@ def fb_min_gap(D, cand, bias):
     Dm = torch.where(cand, D.double(), torch.full_like(D, INF, dtype=torch.float64))
     gap_candidates = _smallest_two_gap(Dm, -1)
     d = Dm.min(-1).values                                          # [B, L, ...]
+    if bias is None:  # labelled_nearest_sqdist: no fg/bg transform, no label order
+        return gap_candidates
     b = bias.detach().cpu().double().view(1, -1, *([1] * (d.dim() - 2)))
     gap_labels = _smallest_two_gap(d + b, 1)
     return min(gap_candidates, gap_labels)
@@ -169,6 +173,152 @@ def draw_separated(draw, gap, margin=1e-4, tries=200):
         if gap(*xs) > margin:
             return xs
     raise AssertionError(f"no draw in {tries} had every minimum separated by more than {margin}")
+
+
+def _least_positive(d):
+    """Smallest finite entry of ``d`` above 0 (inf if none): exact zeros are structural
+    ties, see ``kink_margin``."""
+    d = d[torch.isfinite(d) & (d > 0)]
+    return float(d.min()) if d.numel() else INF
+
+
+def _nearest_other(x, k):
+    """x [..., n]: smallest positive distance between one of the ``k`` smallest entries and
+    one of the others (the nearest distinct value that could swap places with them)."""
+    if x.shape[-1] <= k:
+        return INF
+    s = torch.nan_to_num(x, nan=INF).sort(dim=-1).values
+    return _least_positive((s[..., None, k:] - s[..., :k, None]).abs())
+
+
+class _KinkMargin(TorchDispatchMode):
+    """Records, for every op that branches on its input's value, how far that input is
+    from the branch point (see ``kink_margin``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.margin, self.where = INF, None
+
+    def _note(self, func, gap):
+        if gap < self.margin:
+            self.margin, self.where = gap, str(func)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self._measure(func, args, kwargs)   # before the call: in-place ops (relu_) overwrite x
+        return func(*args, **kwargs)
+
+    def _measure(self, func, args, kwargs):
+        if func.namespace == "vos_kernels":
+            self._custom(func, list(args) + list(kwargs.values()))
+            return
+        if func.namespace not in ("aten", "prims"):
+            raise NotImplementedError(f"kink_margin does not know {func}")
+        name = func.overloadpacket.__name__.rstrip("_")
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if x is None or not x.is_floating_point() or x.numel() == 0:
+            return
+        if name in _KINK_UNSEEN:
+            raise NotImplementedError(f"kink_margin does not see through {func}: check its ties by hand")
+        x = x.detach().double()
+        other = args[1] if len(args) > 1 and isinstance(args[1], torch.Tensor) else None
+        if name in ("relu", "abs", "sign", "sgn", "leaky_relu"):
+            self._note(func, _least_positive(x.abs()))
+        elif name in ("threshold", "clamp", "clamp_min", "clamp_max", "hardtanh"):
+            # threshold(x, threshold, value): only its second argument is a branch point
+            bounds = args[1:2] if name == "threshold" else list(args[1:]) + list(kwargs.values())
+            for b in bounds:
+                if isinstance(b, torch.Tensor):
+                    self._note(func, _least_positive((x - b.detach().double()).abs()))
+                elif isinstance(b, (int, float)) and not isinstance(b, bool):
+                    self._note(func, _least_positive((x - b).abs()))
+        elif name in ("minimum", "maximum", "fmin", "fmax", "min", "max", "aminmax", "amin", "amax") and other is not None:
+            self._note(func, _least_positive((x - other.detach().double()).abs()))
+        elif name in ("min", "max", "amin", "amax", "aminmax"):
+            dims = args[1] if len(args) > 1 else kwargs.get("dim", ())
+            dims = [] if dims is None else [dims] if isinstance(dims, int) else list(dims)
+            dims = [d % x.dim() for d in dims] if x.dim() else []
+            dims = dims or list(range(x.dim()))
+            keep = [d for d in range(x.dim()) if d not in dims]
+            y = x.permute(*keep, *dims).reshape(*[x.shape[d] for d in keep], -1)
+            if name in ("min", "amin", "aminmax"):
+                self._note(func, _nearest_other(y, 1))
+            if name in ("max", "amax", "aminmax"):
+                self._note(func, _nearest_other(-y, 1))
+        elif name == "topk":
+            k = args[1]
+            dim = args[2] if len(args) > 2 else kwargs.get("dim", -1)
+            largest = args[3] if len(args) > 3 else kwargs.get("largest", True)
+            y = x.movedim(dim, -1)
+            self._note(func, _nearest_other(-y if largest else y, k))
+        elif name == "sort":
+            dim = args[1] if len(args) > 1 and isinstance(args[1], int) else kwargs.get("dim", -1)
+            y = torch.nan_to_num(x.movedim(dim, -1), nan=INF).sort(dim=-1).values
+            self._note(func, _least_positive(y[..., 1:] - y[..., :-1]))
+
+    def _custom(self, func, a):
+        """This project's ops, measured before their saturating transforms."""
+        name = func.overloadpacket.__name__
+        c64 = [x.detach().cpu().double() if isinstance(x, torch.Tensor) and x.is_floating_point()
+               else x.detach().cpu() if isinstance(x, torch.Tensor) else x for x in a]
+        if name == "labelled_nearest_sqdist":      # query, reference, labels, L, rate
+            self._note(func, fb_min_gap(*global_candidates(*c64[:4], *c64[4:5]), None))
+        elif name == "fb_global_matching":         # query, reference, labels, L, bias, rate
+            self._note(func, fb_min_gap(*global_candidates(*c64[:4], *c64[5:6]), c64[4]))
+        elif name == "fb_multi_local_matching":    # query, previous, labels, L, windows, bias, rate
+            self._note(func, fb_min_gap(*local_candidates(*c64[:5], *c64[6:7]), c64[5]))
+        elif name == "topk_memory_read":           # query_key, memory_key, memory_value, k, scale, ...
+            q, m, k, scale = c64[0], c64[1], c64[3], c64[4]
+            aff = (2 * torch.einsum("bnc,bqc->bqn", m, q) - (m * m).sum(-1).unsqueeze(1)) * scale
+            top = torch.nan_to_num(aff, nan=INF).sort(dim=-1, descending=True).values[..., :k + 1]
+            self._note(func, _least_positive(top[..., :-1] - top[..., 1:]))   # selection and order
+        elif name not in _SMOOTH_CUSTOM:
+            raise NotImplementedError(f"kink_margin does not know {func}")
+
+
+# this project's ops without branches on their differentiable inputs' values
+_SMOOTH_CUSTOM = {"fb_instance_pooling", "nearest_sqdist_backward", "gmm_em", "prototype_values",
+                  "prototype_attention", "diag_gmm_log_prob", "diag_gmm_log_prob_backward",
+                  "diag_gmm_fit", "diag_gmm_fit_backward"}
+
+# ops with ties that kink_margin does not measure: it refuses rather than miss them
+_KINK_UNSEEN = {"max_pool1d_with_indices", "max_pool2d_with_indices", "max_pool3d_with_indices",
+                "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d", "median",
+                "nanmedian", "kthvalue", "cummax", "cummin", "round", "floor", "ceil", "trunc"}
+
+
+def kink_margin(fn, *args):
+    """How far ``fn(*args)`` is from a point where it is not differentiable, for gradcheck.
+
+    Runs ``fn`` once under a dispatch mode and returns ``(margin, op)``: the smallest
+    distance, over every call of a branching aten op, from that op's input to its branch
+    point, and the op that had it (``(inf, None)`` if none). Measured: relu / abs / sign /
+    leaky_relu (``|x|``), threshold / clamp / hardtanh (``|x - bound|``),
+    minimum / maximum and binary min / max (``|a - b|``), min / max / amin / amax / aminmax
+    reductions (each extreme to the nearest other value along the reduced dims), topk (the
+    k selected to the nearest unselected) and sort (adjacent values). Pooling maxima,
+    medians and rounding raise ``NotImplementedError``. This project's ops are measured
+    before their saturating transforms: matching by ``fb_min_gap`` on the distances, top-k
+    memory read by the gaps among the k + 1 largest affinities (selection and order). Not
+    seen: comparisons feeding ``where``.
+
+    The margin is absolute, at each op's input: meaningful where that input is O(1) and
+    moves by O(eps) (normalised activations, distances, affinities). Behind a saturating
+    function (a min over sigmoids, as in ``vos_kernels.reference``) ulp-level gaps with no
+    gradient show up; guard such code by its structure instead.
+
+    Exact ties (distance 0) are skipped: they are structural (masked entries set to one
+    constant, duplicated values, zero padding), a random float64 draw does not produce
+    them, and a structural tie at a real kink fails at every seed, not by chance.
+
+    gradcheck's central difference moves an op's input by eps times its sensitivity to
+    the perturbed input; across a margin smaller than that it averages two branches and
+    disagrees with the (correct) analytical gradient. With ``draw_separated`` a test
+    redraws until the margin is well above it.
+    """
+    with _KinkMargin() as mode:
+        fn(*args)
+    return mode.margin, mode.where
 
 
 def pooling(embedding, labels, L):

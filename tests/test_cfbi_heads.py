@@ -3,6 +3,7 @@ concatenation (``tests/cfbi_port.py``), fused against reference gradients in flo
 state_dict round trips, torch.compile, and argument errors."""
 import copy
 
+import oracle
 import pytest
 import torch
 from cfbi_port import port_cfbi_input, port_cfbip_input
@@ -208,7 +209,6 @@ def test_gradcheck_small_plus_head(gen):
     head = CFBIPlusMatchingHead(embedding_dims=(3, 3), matching_dims=(2, 3), local_windows=((1, 2), (1,)),
                                 global_atrous=(2, 1), local_atrous=(1, 1)).double()
     sizes = ((5, 4), (3, 2))
-    cur, ref, prev = _emb(gen, 1, sizes, 3), _emb(gen, 1, sizes, 3), _emb(gen, 1, sizes, 3)
     lab = _labels(gen, (2,), (10, 8), ignore=0.0)
     bias = [head.bg_bias, head.fg_bias]
 
@@ -216,7 +216,11 @@ def test_gradcheck_small_plus_head(gen):
         out = head(list(xs[0:2]), list(xs[2:4]), list(xs[4:6]), lab, lab, [2])
         return tuple(out.features) + tuple(out.guidance)
 
-    xs = [x.requires_grad_(True) for x in cur + ref + prev]
+    # every matching minimum separated by more than a finite difference moves it
+    # (oracle.kink_margin measures the matching ops by fb_min_gap)
+    xs = oracle.draw_separated(lambda: _emb(gen, 1, sizes, 3) + _emb(gen, 1, sizes, 3) + _emb(gen, 1, sizes, 3),
+                               lambda *xs: oracle.kink_margin(f, *xs)[0])
+    xs = [x.requires_grad_(True) for x in xs]
     assert torch.autograd.gradcheck(f, xs, eps=1e-6, atol=1e-6, fast_mode=True)
     assert torch.autograd.gradcheck(lambda *b: f(*xs), bias, eps=1e-6, atol=1e-6, fast_mode=True)
 

@@ -2,6 +2,7 @@
 augmentation, gates, gradients, gradcheck, state_dict, validation, torch.compile)."""
 import shutil
 
+import oracle
 import pytest
 import torch
 
@@ -176,12 +177,18 @@ def test_gradcheck_float64(gen):
     counts = (2, 1)
     m = make(gen, in_channels=(3, 4, 5), embed_dim=8, refine_dim=4, dtype=torch.float64)
     randomize_gates(m, gen)
-    feats, g, low = inputs(gen, counts, in_channels=(3, 4, 5), size=5, dtype=torch.float64, grad=True)
 
     def fn(f0, f1, f2, guidance, low_level):
         return tuple(m([f0, f1, f2], guidance, low_level, counts))
 
-    assert torch.autograd.gradcheck(fn, (*feats, g, low), eps=1e-6, atol=1e-5, rtol=1e-3, fast_mode=True)
+    def draw():
+        feats, g, low = inputs(gen, counts, in_channels=(3, 4, 5), size=5, dtype=torch.float64, grad=True)
+        return (*feats, g, low)
+
+    # every ReLU input (GroupNorm-normalised, O(1)) at least 1e-4 from 0: stop 18's CI drew
+    # one at 3e-7, where the finite difference straddled the kink (~40% of draws redrawn)
+    xs = oracle.draw_separated(draw, lambda *xs: oracle.kink_margin(fn, *xs)[0])
+    assert torch.autograd.gradcheck(fn, xs, eps=1e-6, atol=1e-5, rtol=1e-3, fast_mode=True)
 
 
 def test_state_dict_round_trip(gen):

@@ -359,6 +359,46 @@ def test_fb_min_gap_sees_near_ties():
         oracle.draw_separated(lambda: (0.0,), lambda x: x, tries=3)
 
 
+
+def test_kink_margin_sees_kinks():
+    """The guard of the gradchecks through ReLUs, minima and top-k (oracle.kink_margin)."""
+    f64 = dict(dtype=torch.float64)
+    km = oracle.kink_margin
+    x = torch.tensor([0.5, -3e-7, 2.0, 0.0], **f64)   # the exact 0 is a structural tie: skipped
+    assert km(torch.relu, x) == (pytest.approx(3e-7), "aten.relu.default")
+    assert km(lambda t: torch.nn.functional.relu(t.clone(), inplace=True), x)[0] == pytest.approx(3e-7)
+    # gradcheck does straddle that kink, and does not once it is 1e-4 away
+    assert not torch.autograd.gradcheck(torch.relu, (x[:3].clone().requires_grad_(),), raise_exception=False)
+    assert torch.autograd.gradcheck(torch.relu, (torch.tensor([0.5, -1e-4, 2.0], **f64, requires_grad=True),))
+    t = torch.tensor([7.0, 7.0, 7.0 + 3e-7, 9.0], **f64)   # a tie of equals, then a distinct value
+    assert km(lambda a: a.amin(0), t)[0] == pytest.approx(3e-7, rel=1e-6)
+    assert km(lambda a: a.max(), t)[0] == pytest.approx(2 - 3e-7)
+    rows = torch.tensor([[1.0, 2.0], [1.0 + 1e-6, 5.0]], **f64)
+    assert km(lambda a: a.min(dim=0), rows) == (pytest.approx(1e-6, rel=1e-6), "aten.min.dim")
+    assert km(lambda a: a.max(dim=1), rows)[0] == pytest.approx(1.0)
+    assert km(lambda a: a.clamp(min=0.5), torch.tensor([3.0, 0.5 + 2e-6], **f64))[0] == pytest.approx(2e-6, rel=1e-6)
+    assert km(torch.maximum, rows[0], rows[1])[0] == pytest.approx(1e-6, rel=1e-6)
+    assert km(lambda a: a.topk(2), torch.tensor([3.0, 2.9, 1.0, 2.95], **f64))[0] == pytest.approx(0.05)
+    assert km(lambda a: (a * a).sum().tanh(), rows) == (float("inf"), None)
+    with pytest.raises(NotImplementedError, match="max_pool2d"):
+        km(lambda a: torch.nn.functional.max_pool2d(a, 2), torch.randn(1, 1, 4, 4, **f64))
+    # this project's ops, measured on their distances / affinities
+    q = torch.zeros(1, 1, 1, 2, **f64)
+    r = torch.tensor([[[[[1.0, 0.0], [0.0, 1.0 + 1e-7], [3.0, 0.0]]]]], **f64)   # sqdist 1, 1+2e-7, 9
+    lab = torch.tensor([[[[0, 0, 1]]]])
+    bias = torch.zeros(2, **f64)
+    assert km(lambda a, b: vos_kernels.fb_global_matching(a, b, lab, 2, bias), q, r) == (
+        pytest.approx(2e-7, rel=1e-3), "vos_kernels.fb_global_matching.default")
+    assert km(lambda a, b: vos_kernels.labelled_nearest_sqdist(a, b, lab, 2), q, r)[0] == pytest.approx(2e-7, rel=1e-3)
+    assert km(lambda a, b: vos_kernels.labelled_nearest_sqdist(a, b, torch.tensor([[[[0, 1, 1]]]]), 2), q, r)[0] == pytest.approx(8 - 2e-7)
+    qk = torch.tensor([[[1.0, 0.0]]], **f64)
+    mk = torch.tensor([[[1.0, 0.0], [1.0 + 1e-7, 0.0], [-1.0, 0.0]]], **f64)      # affinities 1, 1-1e-14, -3 (x 1/sqrt(2))
+    mv = torch.randn(1, 3, 2, **f64)
+    assert km(lambda a, b, c: vos_kernels.topk_memory_read(a, b, c, 1), qk, mk, mv)[0] < 1e-13
+    mk[0, 1, 0] = 0.5                                                              # affinity 0.75
+    assert km(lambda a, b, c: vos_kernels.topk_memory_read(a, b, c, 1), qk, mk, mv)[0] == pytest.approx(0.25 / 2**0.5)
+
+
 def test_gradcheck_global(gen):
     bias = rand(gen, 3, dtype=torch.float64).requires_grad_()
     # minima separated by more than a finite difference moves them (oracle.fb_min_gap)

@@ -121,10 +121,15 @@ def test_reference_is_stcn_dense_path_and_agrees(gen):
 
 
 def test_gradcheck_float64(gen):
-    q, m, v = inputs(gen, 2, 7, 40, 6, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda q, m, v: vk.topk_memory_read(q, m, v, 5), (q, m, v))
-    assert torch.autograd.gradcheck(
-        lambda q, m, v: vk.topk_memory_read(q, m, v, 4, return_topk=True)[1][1], (q, m, v))
+    read5 = lambda q, m, v: vk.topk_memory_read(q, m, v, 5)  # noqa: E731
+    weights4 = lambda q, m, v: vk.topk_memory_read(q, m, v, 4, return_topk=True)[1][1]  # noqa: E731
+    # the k + 1 largest affinities apart by more than a finite difference moves them (a
+    # near tie swaps the selection or the order of the weights between the two evaluations)
+    q, m, v = oracle.draw_separated(
+        lambda: inputs(gen, 2, 7, 40, 6, 3, dtype=torch.float64, requires_grad=True),
+        lambda *x: min(oracle.kink_margin(read5, *x)[0], oracle.kink_margin(weights4, *x)[0]))
+    assert torch.autograd.gradcheck(read5, (q, m, v))
+    assert torch.autograd.gradcheck(weights4, (q, m, v))
 
 
 def test_gradients_match_oracle_float32(gen):

@@ -209,23 +209,28 @@ def test_gradient_of_min_flows_to_argmin(gen):
 
 @pytest.mark.parametrize("rate", [1, 2])
 def test_gradcheck_global(gen, rate):
-    q = (3 * _emb(gen, (1, 2, 3, 2))).requires_grad_()
-    r = (3 * _emb(gen, (1, 2, 3, 3, 2))).requires_grad_()
     lab = torch.tensor([[[[0, 1, 2], [1, 0, 2], [2, 1, 0]], [[1, 1, 0], [-1, 2, 0], [0, 2, 1]]]])
-    bias = torch.randn(4, generator=gen, dtype=DT).requires_grad_()  # label 3 empty
+    lab3 = lab.clamp_min(0)
+    # minima separated by more than a finite difference moves them (oracle.fb_min_gap)
+    q, r, bias = oracle.draw_separated(
+        lambda: (3 * _emb(gen, (1, 2, 3, 2)), 3 * _emb(gen, (1, 2, 3, 3, 2)),
+                 torch.randn(4, generator=gen, dtype=DT)),  # label 3 empty
+        lambda q, r, b: min(oracle.fb_min_gap(*oracle.global_candidates(q, r, lab, 4, rate), b),
+                            oracle.fb_min_gap(*oracle.global_candidates(q, r, lab3, 3, rate), None)))
+    q, r, bias = q.requires_grad_(), r.requires_grad_(), bias.requires_grad_()
     fn = lambda q, r, b: ref.fb_global_matching(q, r, lab, 4, b, atrous_rate=rate)
     assert torch.autograd.gradcheck(fn, (q, r, bias))
-    lab3 = lab.clamp_min(0)
     fn2 = lambda q, r: ref.labelled_nearest_sqdist(q, r, lab3, 3, atrous_rate=rate)[0]
     assert torch.autograd.gradcheck(fn2, (q, r))
 
 
 @pytest.mark.parametrize("rate", [1, 2])
 def test_gradcheck_local(gen, rate):
-    q = (3 * _emb(gen, (1, 4, 4, 2))).requires_grad_()
-    p = (3 * _emb(gen, (1, 4, 4, 2))).requires_grad_()
     lab = _labels(gen, (1, 4, 4), 4)
-    bias = torch.randn(4, generator=gen, dtype=DT).requires_grad_()
+    q, p, bias = oracle.draw_separated(
+        lambda: (3 * _emb(gen, (1, 4, 4, 2)), 3 * _emb(gen, (1, 4, 4, 2)), torch.randn(4, generator=gen, dtype=DT)),
+        lambda q, p, b: oracle.fb_min_gap(*oracle.local_candidates(q, p, lab, 4, [1, 2], rate), b))
+    q, p, bias = q.requires_grad_(), p.requires_grad_(), bias.requires_grad_()
     fn = lambda q, p, b: ref.fb_multi_local_matching(q, p, lab, 4, [1, 2], b, atrous_rate=rate)
     assert torch.autograd.gradcheck(fn, (q, p, bias))
 
