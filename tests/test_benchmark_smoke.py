@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from vos_kernels import benchmark as vb
@@ -60,6 +61,18 @@ def test_select_cases_substring_and_glob():
     assert names("sweep-*-x4") == []  # a glob matches whole names
     assert names("*sweep*x4") == ["global/sweep-a2-c32-x4", "local/sweep-a2-c32-x4"]
     assert names("s16,cfbi-s8") == ["global/cfbip-s16", "local/cfbip-s16", "local/cfbi-s8-down"]
+    # @GROUP: every name of a group is a full case (a renamed case would silently drop out
+    # of the short GPU lease's selection); a group adds to other patterns
+    full = {c.name for c in vb.FULL_CASES}
+    for group, members in vb.CASE_GROUPS.items():
+        assert set(members) <= full, set(members) - full
+        assert sorted(names("@" + group)) == sorted(set(members))
+    aims = names("@aims")
+    assert "global/cfbi-davis-s4" in aims and not any("sweep" in n for n in aims)
+    assert names("@aims,cfbip-s16") == [n for n in (c.name for c in vb.FULL_CASES)
+                                        if n in aims or "cfbip-s16" in n]
+    with pytest.raises(ValueError, match="unknown case group '@nope'"):
+        names("@nope")
 
 
 def test_oracle_in_pieces_equals_whole(monkeypatch):

@@ -87,15 +87,29 @@ def test_calls_pack_restore_resume_and_budget(tmp_path):
     assert "## Call 1:" in summary and "## Call 2:" not in summary and not (out2 / "bench").exists()
 
 
+def test_step_order_and_limits(tmp_path):
+    """The short lease's call runs its steps in priority order (--steps order) under per-step
+    limits (--limit): a step over its limit is recorded as a timeout and the next goes on."""
+    out = tmp_path / "o"
+    r = run("--out", str(out), "--steps", "bench,tests,sanitizer", "--tests", "cuda", "--pytest-args", "-k ties",
+            "--limit", "bench=1", "--limit", "sanitizer=7,tests=400", "--cases", "em/quick", *FAST_BENCH)
+    assert r.returncode == 1, r.stdout + r.stderr   # the bench step timed out
+    rows = [ln for ln in (out / "summary.md").read_text().splitlines() if ln.startswith("| ") and "---" not in ln]
+    assert [ln.split(" | ")[0][2:] for ln in rows[1:]] == ["bench", "tests", "sanitizer"], rows
+    assert "| bench | TIMEOUT after 1s |" in rows[1] and "| tests | ok |" in rows[2]
+
+
 def test_option_errors_and_no_gpu(tmp_path):
     for args in (["--steps", "build,compile"], ["--tests", "some"], ["--budget", "ten"], ["--test-timeout", "1m"],
-                 ["--frobnicate"]):
+                 ["--frobnicate"], ["--steps", "tests,bench,tests"], ["--steps", "tests,build"],
+                 ["--limit", "bench=1m"], ["--limit", "compile=60"], ["--limit", "bench"]):
         r = run("--out", str(tmp_path), *args)
         assert r.returncode == 2 and "gpu_check.sh:" in r.stderr, (args, r.stderr)
     r = run("--out", str(tmp_path), allow_cpu=False)
     assert r.returncode == 2 and "no CUDA device" in r.stderr
     r = run("--help")
     assert r.returncode == 0 and "--budget SECONDS" in r.stdout and "--restore FILE" in r.stdout
+    assert "--limit STEP=S" in r.stdout
 
 
 def _sanitize_cases_module():

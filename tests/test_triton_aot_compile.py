@@ -67,8 +67,10 @@ def test_topk_read_kernels_compile_for_sm90(tmp_path):
 
 # GMM prototypes and A-GAME Gaussians (vos_kernels/triton/gmm.py): every kernel in each
 # input dtype with the tiles and warps its launcher uses on the GPU (fp32: IEEE FMA dots,
-# fp16 / bf16: TF32 dots), K padded to 16 (PCAN instance head), 32 (PCAN frame level) and
-# 64 (EMANet); the dtype-independent kernels (fp32 scratch only) once.
+# fp16 / bf16: TF32 dots, fp64: fp64 dots, outputs and scratch), K padded to 16 (PCAN
+# instance head), 32 (PCAN frame level) and 64 (EMANet); the kernels whose pointers are all
+# scratch once per accumulation dtype. fp64 caught Triton 3.6 (the GPU image's version), whose
+# tl.dot returns fp32 unless given out_dtype: every dot names out_dtype=acc.dtype.
 GMM_SCRIPT = r'''
 import triton
 from triton.backends.compiler import GPUTarget
@@ -76,11 +78,12 @@ from triton.compiler import ASTSource
 from vos_kernels.triton import gmm as tg
 
 target = GPUTarget("cuda", 90, 32)
-TYPES = {"X": "*{dt}", "F": "*fp32", "i": "i32", "c": "constexpr"}
+TYPES = {"X": "*{dt}", "F": "*{acc}", "i": "i32", "c": "constexpr"}
 
 
 def sig(spec, dt):
-    return {name: TYPES[kind].format(dt=dt) for name, kind in (item.split(":") for item in spec.split())}
+    acc = "fp64" if dt == "fp64" else "fp32"   # outputs and scratch in the accumulation dtype
+    return {name: TYPES[kind].format(dt=dt, acc=acc) for name, kind in (item.split(":") for item in spec.split())}
 
 
 EM = ("x_ptr:X mu_ptr:F nsq_ptr:F mask_ptr:F kap_ptr:F resp_ptr:F out_ptr:F ps_ptr:F pa_ptr:F N:i C:i K:i NCB:i "
@@ -99,26 +102,27 @@ FIT = ("x_ptr:X w_ptr:X mean_ptr:F add_ptr:F out_ptr:F ps_ptr:F pa_ptr:F N:i D:i
 FITB = ("gm_ptr:F gv_ptr:F x_ptr:X w_ptr:X mean_ptr:F q_ptr:F ps_ptr:F gx_ptr:F gw_ptr:F N:i D:i K:i SPLITS:i "
         "BLOCK_N:c BLOCK_D:c KP:c")
 jobs = []
-for dt in ("fp32", "fp16", "bf16"):
-    tf = dt != "fp32"
+for dt in ("fp32", "fp16", "bf16", "fp64"):
+    tf = dt in ("fp16", "bf16")
     bn = 64 if tf else 32
     em_configs = ((True, 1, 16, 16), (False, 1, 64, 32)) + (((False, 0, 32, 16),) if dt == "fp32" else ())
     for fused, kernel, kp, ncb in em_configs:
         jobs.append((tg._em_kernel, sig(EM, dt), 8, dict(BLOCK_N=bn, BLOCK_C=16, KP=kp, NCB_P=ncb, KERNEL=kernel,
                                                          NORMALIZE=True, HAS_MASK=fused, FUSED=fused, TF32=tf)))
-    jobs.append((tg._pv_kernel, sig(PV, dt), 4, dict(BLOCK_N=64, BLOCK_V=64, KP=32, DIRECT=dt == "fp32", TF32=tf)))
+    jobs.append((tg._pv_kernel, sig(PV, dt), 4, dict(BLOCK_N=64, BLOCK_V=64, KP=32, DIRECT=not tf, TF32=tf)))
     jobs.append((tg._attention_kernel, sig(ATT, dt), 4, dict(BLOCK_Q=32, BLOCK_C=16, BLOCK_V=32, KP=32, KERNEL=1,
                                                              TF32=tf)))
     jobs.append((tg._log_prob_kernel, sig(LP, dt), 4, dict(BLOCK_N=32, BLOCK_D=32, KP=4)))
-    jobs.append((tg._log_prob_bwd_kernel, sig(LPB, dt), 8, dict(BLOCK_N=32, BLOCK_D=32, KP=4, DIRECT=dt == "fp32")))
+    jobs.append((tg._log_prob_bwd_kernel, sig(LPB, dt), 8, dict(BLOCK_N=32, BLOCK_D=32, KP=4, DIRECT=not tf)))
     for second in (False, True):
         jobs.append((tg._fit_pass_kernel, sig(FIT, dt), 4, dict(BLOCK_N=32, BLOCK_D=32, KP=4, SECOND=second,
                                                                 DIRECT=second, MODE=2, HAS_ADD=second)))
     jobs.append((tg._fit_bwd_kernel, sig(FITB, dt), 8, dict(BLOCK_N=32, BLOCK_D=32, KP=4)))
-for mode, kp, nsq in ((1, 32, True), (0, 4, False), (2, 4, False)):
-    jobs.append((tg._split_sum_kernel, sig(SUM, "fp32"), 4, dict(KP=kp, BLOCK_C=16, MODE=mode, HAS_ADD=mode == 2,
-                                                                 WRITE_NSQ=nsq)))
-jobs.append((tg._em_output_kernel, sig(OUT, "fp32"), 4, dict(KP=64, NCB_P=32, BLOCK_C=16, NORMALIZE=True)))
+for acc in ("fp32", "fp64"):
+    for mode, kp, nsq in ((1, 32, True), (0, 4, False), (2, 4, False)):
+        jobs.append((tg._split_sum_kernel, sig(SUM, acc), 4, dict(KP=kp, BLOCK_C=16, MODE=mode, HAS_ADD=mode == 2,
+                                                                  WRITE_NSQ=nsq)))
+    jobs.append((tg._em_output_kernel, sig(OUT, acc), 4, dict(KP=64, NCB_P=32, BLOCK_C=16, NORMALIZE=True)))
 for fn, s, warps, cx in jobs:
     kernel = triton.compile(ASTSource(fn, s, constexprs=cx), target=target, options={"num_warps": warps})
     assert len(kernel.asm["cubin"]) > 0
@@ -128,7 +132,7 @@ print("ALL", len(jobs))
 
 
 def test_gmm_kernels_compile_for_sm90(tmp_path):
-    compile_in_subprocess(GMM_SCRIPT, tmp_path, 32)
+    compile_in_subprocess(GMM_SCRIPT, tmp_path, 45)
 
 
 # CFBI matching (vos_kernels/triton/matching.py): the five kernels with the constexprs,

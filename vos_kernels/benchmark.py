@@ -112,7 +112,7 @@ from ._device_guard import CONTEXT_LOST_EXIT, cuda_context_lost, error_line, wat
 from .matching import fb_global_matching, fb_multi_local_matching
 from .memory import topk_memory_read
 
-__all__ = ["Case", "OPS", "FULL_CASES", "QUICK_CASES", "implementation", "make_inputs", "main", "run_case",
+__all__ = ["CASE_GROUPS", "Case", "OPS", "FULL_CASES", "QUICK_CASES", "implementation", "make_inputs", "main", "run_case",
            "select_cases"]
 
 MiB = 2**20
@@ -285,14 +285,33 @@ QUICK_CASES: list[Case] = [
 ]
 
 
+# Named groups of full cases, selected by ``--cases @NAME``. "aims": the paper sizes that
+# issue 7's aims are stated on (global CFBI+ YouTube-VOS stride 4 atrous 2 and CFBI DAVIS
+# C 100; local CFBI+ stride 4; top-k STCN DAVIS over T, for "memory linear in T", and
+# 720p T 50; PCAN EM and instance head; EMANet; A-GAME; the CFBI+ training step): what a
+# short GPU lease measures first (scripts/gpu_check.sh).
+CASE_GROUPS: dict[str, tuple[str, ...]] = {
+    "aims": ("global/cfbip-ytvos-s4-a2", "global/cfbi-davis-s4", "local/cfbip-davis-s4-a2",
+             "local/cfbip-ytvos-s4-a2", "topk/stcn-davis-t5", "topk/stcn-davis-t20", "topk/stcn-davis-t50",
+             "topk/stcn-720p-t50", "em/pcan-p2", "em/emanet-b2", "pcan-instance/r100",
+             "agame/stage2-b2-n1620", "train-step/cfbip-b2-o2"),
+}
+
+
 def select_cases(cases: Sequence[Case], patterns: str | None) -> list[Case]:
     """Cases whose name matches one of the comma-separated ``patterns``: a glob
-    (``*``, ``?``, ``[``) matches the whole name, anything else is a substring."""
+    (``*``, ``?``, ``[``) matches the whole name, ``@NAME`` the names of ``CASE_GROUPS[NAME]``,
+    anything else is a substring. Raises ``ValueError`` for an unknown group."""
     if not patterns:
         return list(cases)
     pats = [p.strip() for p in patterns.split(",") if p.strip()]
+    for p in pats:
+        if p.startswith("@") and p[1:] not in CASE_GROUPS:
+            raise ValueError(f"unknown case group {p!r}; groups: {', '.join('@' + g for g in CASE_GROUPS)}")
 
     def hit(name: str, pat: str) -> bool:
+        if pat.startswith("@"):
+            return name in CASE_GROUPS[pat[1:]]
         return fnmatch.fnmatchcase(name, pat) if any(ch in pat for ch in "*?[") else pat in name
 
     return [c for c in cases if any(hit(c.name, p) for p in pats)]
@@ -1262,7 +1281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vos_kernels.benchmark", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes (CI smoke run, seconds)")
-    p.add_argument("--cases", metavar="PATTERN", help="comma-separated substrings or globs of case names")
+    p.add_argument("--cases", metavar="PATTERN", help="comma-separated substrings or globs of case names, or @GROUP "
+                   "(@aims: the paper sizes of the CUDA aims)")
     p.add_argument("--list", action="store_true", help="list the selected cases and exit")
     p.add_argument("--out", metavar="DIR", help="output folder (default benchmarks/results/<device-slug>)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -1328,7 +1348,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.memory_worker:
         print(_WORKER_MARK + json.dumps(_memory_worker(json.loads(args.memory_worker))), flush=True)
         return 0
-    cases = select_cases(QUICK_CASES if args.quick else FULL_CASES, args.cases)
+    try:
+        cases = select_cases(QUICK_CASES if args.quick else FULL_CASES, args.cases)
+    except ValueError as e:
+        print(f"--cases: {e}", file=sys.stderr)
+        return 2
     if args.list:
         for c in cases:
             est = OPS[c.op].reference_peak(c, 4) / GiB

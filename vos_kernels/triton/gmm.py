@@ -100,9 +100,9 @@ _DIV_ONE = 2      # Σ_s A / (1 + Σ_s S)      (A-GAME fit)
 def _dot(a, b, acc, TF32: tl.constexpr):
     """acc + a @ b: exact IEEE products, or TF32 tensor cores (fp16/bf16 inputs on the GPU)."""
     if TF32:
-        acc = tl.dot(a, b, acc, input_precision="tf32")
+        acc = tl.dot(a, b, acc, input_precision="tf32", out_dtype=acc.dtype)
     else:
-        acc = tl.dot(a, b, acc, input_precision="ieee")
+        acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
     return acc
 
 

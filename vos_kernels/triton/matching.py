@@ -134,13 +134,13 @@ def _fg_transform(d, bias):
 def _mm(a, b, b_f32, acc, DOT_MODE: tl.constexpr):
     """acc + a @ b with fp32 accumulation, precision per DOT_MODE (see _DOT_*)."""
     if DOT_MODE == 0:
-        acc = tl.dot(a, b, acc, input_precision="ieee")
+        acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
     elif DOT_MODE == 1:
-        acc = tl.dot(a, b, acc, input_precision="tf32")
+        acc = tl.dot(a, b, acc, input_precision="tf32", out_dtype=acc.dtype)
     elif DOT_MODE == 2:
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, out_dtype=acc.dtype)
     else:
-        acc = tl.dot(a, b_f32, acc, input_precision="ieee")
+        acc = tl.dot(a, b_f32, acc, input_precision="ieee", out_dtype=acc.dtype)
     return acc
 
 

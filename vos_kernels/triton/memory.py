@@ -135,7 +135,7 @@ def _topk_select_kernel(
             mt = tl.load(m_base + offs_n.to(tl.int64)[None, :] * CK + cc[:, None],
                          mask=cm[:, None] & n_mask[None, :], other=0.0).to(tl.float32)   # [BLOCK_C, BLOCK_M]
             msq += tl.sum(mt * mt, axis=0)
-            acc = tl.dot(qt, mt, acc, input_precision="ieee")
+            acc = tl.dot(qt, mt, acc, input_precision="ieee", out_dtype=acc.dtype)
         s = (2.0 * acc - msq[None, :]) * scale
         packed = _pack(s, offs_n[None, :] + tl.zeros([BLOCK_Q, BLOCK_M], dtype=tl.int32),
                        n_mask[None, :] & q_mask[:, None])
