@@ -112,8 +112,8 @@ from ._device_guard import CONTEXT_LOST_EXIT, cuda_context_lost, error_line, wat
 from .matching import fb_global_matching, fb_multi_local_matching
 from .memory import topk_memory_read
 
-__all__ = ["CASE_GROUPS", "Case", "OPS", "FULL_CASES", "QUICK_CASES", "implementation", "make_inputs", "main", "run_case",
-           "select_cases"]
+__all__ = ["CASE_GROUPS", "Case", "OPS", "FULL_CASES", "QUICK_CASES", "implementation", "make_inputs", "main",
+           "run_case", "select_cases"]
 
 MiB = 2**20
 GiB = 2**30

@@ -98,7 +98,9 @@ _DIV_ONE = 2      # Σ_s A / (1 + Σ_s S)      (A-GAME fit)
 
 @triton.jit
 def _dot(a, b, acc, TF32: tl.constexpr):
-    """acc + a @ b: exact IEEE products, or TF32 tensor cores (fp16/bf16 inputs on the GPU)."""
+    """acc + a @ b: exact IEEE products, or TF32 tensor cores (fp16/bf16 inputs on the GPU).
+    ``out_dtype`` is the accumulator's: Triton 3.6 (the GPU image's) defaults it to fp32
+    and rejects an fp64 accumulator (float64 inputs) at compile time."""
     if TF32:
         acc = tl.dot(a, b, acc, input_precision="tf32", out_dtype=acc.dtype)
     else:

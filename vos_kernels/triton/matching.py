@@ -132,7 +132,8 @@ def _fg_transform(d, bias):
 
 @triton.jit
 def _mm(a, b, b_f32, acc, DOT_MODE: tl.constexpr):
-    """acc + a @ b with fp32 accumulation, precision per DOT_MODE (see _DOT_*)."""
+    """acc + a @ b with fp32 accumulation, precision per DOT_MODE (see _DOT_*); ``out_dtype``
+    named, as Triton 3.6 does not take it from the accumulator (3.9 does)."""
     if DOT_MODE == 0:
         acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
     elif DOT_MODE == 1:
