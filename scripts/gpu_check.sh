@@ -265,6 +265,7 @@ do_build() {
       mkdir -p build && echo "$stamp" >build/gpu_check.stamp
     fi
   fi
+  backends_line
 }
 
 do_tests() {
@@ -327,11 +328,10 @@ do_segment() {
 }
 
 # the steps run in the order --steps gives them: the first ones get the budget first
+has build || backends_line   # else do_build writes it, with what it built
 for s in ${steps//,/ }; do
   "do_$s"
-  [ "$s" = build ] && backends_line
 done
-has build || backends_line
 
 printf '\nCall %s: %s minutes.\n' "$call" "$(minutes $(( $(date +%s) - t_start )))" >>"$summary"
 if [ -n "$tests_summary" ] && [ -f "$tests_summary" ]; then
