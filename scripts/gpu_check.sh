@@ -110,13 +110,14 @@ while [ $# -gt 0 ]; do
     *) echo "gpu_check.sh: unknown option $1 (--help lists them)" >&2; exit 2 ;;
   esac
 done
+has() { case ",$steps," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 seen=","
 for s in ${steps//,/ }; do
   case "$s" in build|tests|sanitizer|bench|segment) ;; *) echo "gpu_check.sh: unknown step '$s'" >&2; exit 2 ;; esac
   case "$seen" in *",$s,"*) echo "gpu_check.sh: step '$s' listed twice" >&2; exit 2 ;; esac
   seen="$seen$s,"
 done
-case ",$steps," in *",build,"*) [ "${steps%%,*}" = build ] || { echo "gpu_check.sh: build, when listed, runs first" >&2; exit 2; } ;; esac
+has build && [ "${steps%%,*}" != build ] && { echo "gpu_check.sh: build, when listed, runs first" >&2; exit 2; }
 # --limit STEP=SECONDS[,...]: a step's own time limit (its default below otherwise); the
 # sanitizer's two runs are sanitizer-memcheck and sanitizer-racecheck ("sanitizer": both)
 declare -A limits=()
@@ -129,7 +130,6 @@ for kv in ${limit_arg//,/ }; do
   esac
   case "$v" in ""|*[!0-9]*) echo "gpu_check.sh: --limit $kv: seconds must be a whole number" >&2; exit 2 ;; esac
 done
-has() { case ",$steps," in *",$1,"*) return 0 ;; *) return 1 ;; esac; }
 # --quick runs only tests/test_cuda.py unless --tests says otherwise
 [ -z "$tests" ] && { [ "$quick" = 1 ] && tests=cuda || tests=all; }
 case "$tests" in all|cuda|none) ;; *) echo "gpu_check.sh: --tests: all, cuda or none" >&2; exit 2 ;; esac
