@@ -2,9 +2,10 @@
 # Data races in the CUDA C++ kernels, without a GPU: tests/test_cuda.py on the CPU emulator
 # of tests/cuda_emu built with ThreadSanitizer (VOS_EMU_SANITIZE=thread). Each thread of a
 # block is a ThreadSanitizer fiber, ordered only by what CUDA orders (__syncthreads,
-# __syncwarp, atomics, the launch): a report names the kernel, the two source lines and the
-# two threads, and fails the test that ran it. The counterpart of compute-sanitizer racecheck
-# on a GPU (which checks shared memory only; this checks global memory within a block too).
+# __syncwarp, atomics, the launch; nothing orders two blocks of a launch): a report names the
+# kernel, the two source lines and the two threads, and fails the test that ran it. The
+# counterpart of compute-sanitizer racecheck on a GPU (which checks shared memory only; this
+# checks global memory too, within a block and between the blocks of a launch).
 # Extra arguments go to pytest, e.g. `bash scripts/race_check.sh -k local`.
 # Needs g++ with libtsan (exit 3 without one); about 10 min on 2 cores, 1 of them the build.
 set -euo pipefail

@@ -5,11 +5,15 @@ the emulator; that is worth only as much as the emulator's semantics. These test
 them with the small CUDA kernels of tests/cuda_emu/selftest.cu: the mma.m16n8k8 TF32
 fragment layout and rounding, warp shuffles / ballot / match, __syncthreads_count,
 cp.async completing at its wait (and zero-filling), deadlock and exited-lane reports,
-the launch limits, the thread orders, and the cub stand-ins; and the race detector (the
-emulator built with ThreadSanitizer, tests/cuda_emu/race_cases.py in a subprocess): a race
-for a missing __syncthreads or __syncwarp, a shuffle that orders no memory, a plain += on a
-shared counter and a cp.async copy read by another thread without a barrier; none for the
-same kernels correctly ordered, for atomics or for the emulator's own bookkeeping.
+the launch limits, static __shared__ variables per block, the thread orders, and the cub
+stand-ins; and the race detector (the emulator built with ThreadSanitizer,
+tests/cuda_emu/race_cases.py in a subprocess): a race for a missing __syncthreads or
+__syncwarp, a shuffle that orders no memory, a plain += on a shared counter, a cp.async copy
+read by another thread without a barrier, and two blocks of one launch writing one word or
+one reading what the other writes (a barrier orders its own block only); none for the same
+kernels correctly ordered, for atomics, for blocks with disjoint words or in consecutive
+launches, for __shared__ variables (each block's own) or for the emulator's own
+bookkeeping.
 """
 from __future__ import annotations
 
@@ -109,6 +113,22 @@ def test_warp_collectives(st, rng, threads):
         rem = np.fmod(warp, 3)                  # C's % truncates toward zero
         assert np.uint32(out[t, 4]) == sum(1 << i for i in range(32) if rem[i] == rem[lane])
         assert out[t, 5] == odd_total
+
+
+@pytest.mark.parametrize("blocks", [1, 3])
+def test_static_shared_is_per_block(st, blocks):
+    # each block's __shared__ variables start as the 0xff fill, not as the last block left them
+    out = np.zeros(2 * blocks, np.int32)
+    assert st.st_static_shared(ptr(out), blocks, 96) == 0
+    assert np.array_equal(out, np.tile([-1, 96], blocks))
+
+
+def test_static_plus_dynamic_shared_limit(st):
+    out = np.zeros(1, np.int32)
+    assert st.st_big_static_shared(ptr(out), 16 * 1024) == 0 and out[0] == 1
+    code = st.st_big_static_shared(ptr(out), 40 * 1024)
+    assert code == LAUNCH_FAILURE
+    assert b"204800 bytes static + 40960 dynamic" in st.st_error(code)
 
 
 def test_deadlock_is_reported(st):

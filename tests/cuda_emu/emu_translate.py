@@ -1,12 +1,15 @@
 """Source translation for the CUDA emulator (tests/cuda_emu): csrc/cuda/*.cu -> C++.
 
 The kernels compile as C++ against the headers of ``tests/cuda_emu/include`` (stand-ins
-for cuda_runtime.h, cuda_fp16.h, cuda_bf16.h and the cub parts used). Three constructs of
+for cuda_runtime.h, cuda_fp16.h, cuda_bf16.h and the cub parts used). Four constructs of
 CUDA C++ are not C++ and are rewritten here, nothing else:
 
 - ``kernel<<<grid, block, smem, stream>>>(args)`` ->
   ``::vos_emu::launch("kernel", kernel, grid, block, smem, stream)(args)``;
 - ``extern __shared__ __align__(16) T name[];`` -> ``T* name = (T*)dynamic_smem();``;
+- ``__shared__ __align__(16) T name[N];`` -> ``auto& name = block_shared<T[N], 16>(key);``,
+  storage of the block being run (a C++ ``static`` would be one for every block), ``key``
+  an address unique to the declaration;
 - inline PTX: ``asm volatile("mnemonic ops;" : outputs : inputs)`` ->
   ``::vos_emu::ptx::mnemonic("template", operands...)``, the operands in the order the
   template names them (``{%0,%1}`` groups flattened, ``[%0]`` addresses unwrapped,
@@ -90,6 +93,22 @@ _EXTERN_SHARED = re.compile(
 def translate_extern_shared(s: str) -> str:
     return _EXTERN_SHARED.sub(
         lambda m: f"{m[1]}* {m[2]} = reinterpret_cast<{m[1]}*>(::vos_emu::dynamic_smem());", s)
+
+
+# a static __shared__ declaration: optional __align__(n), the type, the name, array extents
+_STATIC_SHARED = re.compile(
+    r"(?<!\w)__shared__\s+(?:__align__\(\s*(\d+)\s*\)\s+)?((?:typename\s+)?[A-Za-z_][\w:<>, ]*?)\s+(\w+)\s*"
+    r"((?:\[[^\[\];]+\]\s*)*);")
+# one address per declaration (and per template instantiation): a function-local static
+_SHARED_KEY = "[]() -> const void* { static const char key = 0; return &key; }()"
+
+
+def translate_static_shared(s: str) -> str:
+    def one(m: re.Match) -> str:
+        ty = f"{m[2].strip()}{m[4].strip()}"
+        return f"auto& {m[3]} = ::vos_emu::block_shared<{ty}, {m[1] or 0}>({_SHARED_KEY});"
+
+    return _STATIC_SHARED.sub(one, s)
 
 
 def _split_top(s: str, sep: str) -> list[str]:
@@ -178,7 +197,7 @@ def translate_asm(s: str) -> str:
 
 
 def translate_cu(s: str) -> str:
-    return translate_asm(translate_extern_shared(translate_launches(s)))
+    return translate_asm(translate_static_shared(translate_extern_shared(translate_launches(s))))
 
 
 _IMPL = re.compile(r"TORCH_LIBRARY_IMPL\(\s*vos_kernels\s*,\s*CUDA\s*,")

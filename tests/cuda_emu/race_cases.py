@@ -84,6 +84,27 @@ def _collectives(lib):
     _check(total[0] == s.sum(), "scan total")
 
 
+def _blocks(lib, mode):
+    out = np.zeros(4 * 32, np.int32)
+    _check(lib.st_blocks(_ptr(out), mode) == 0, "launch")
+    if mode == 0:
+        _check(np.array_equal(out, np.repeat(np.arange(4, dtype=np.int32), 32)), "result")
+    if mode == 3:
+        _check(out[0] == 4 * 32, f"count {out[0]}")
+
+
+def _blocks_then_next(lib):
+    out, out2 = np.zeros(4 * 32, np.int32), np.zeros(4 * 32, np.int32)
+    _check(lib.st_blocks_then_next(_ptr(out), _ptr(out2)) == 0, "launch")
+    _check(np.array_equal(out2, np.repeat(np.roll(np.arange(4, dtype=np.int32), -1), 32)), "result")
+
+
+def _static_shared(lib):
+    out = np.zeros(2 * 4, np.int32)
+    _check(lib.st_static_shared(_ptr(out), 4, 64) == 0, "launch")
+    _check(np.array_equal(out, np.tile([-1, 64], 4)), f"result {out}")
+
+
 CASES = {
     "barrier": (None, lambda lib: _barrier(lib, 1)),
     "barrier_missing": ("barrier_kernel", lambda lib: _barrier(lib, 0)),
@@ -96,6 +117,14 @@ CASES = {
     "cp_async_without_barrier": ("cp_async_neighbour_kernel", lambda lib: _cp_async(lib, 0)),
     "exited_thread_then_barrier": (None, _exit_then_barrier),
     "collectives": (None, _collectives),
+    "blocks_disjoint": (None, lambda lib: _blocks(lib, 0)),
+    "blocks_same_word": ("blocks_kernel", lambda lib: _blocks(lib, 1)),
+    "blocks_read_next": ("blocks_kernel", lambda lib: _blocks(lib, 2)),
+    "blocks_atomic": (None, lambda lib: _blocks(lib, 3)),
+    "barrier_orders_own_block_only": ("blocks_kernel", lambda lib: _blocks(lib, 4)),
+    "syncwarp_orders_own_block_only": ("blocks_kernel", lambda lib: _blocks(lib, 5)),
+    "launches_ordered": (None, _blocks_then_next),
+    "static_shared_per_block": (None, _static_shared),
 }
 
 

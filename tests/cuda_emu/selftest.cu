@@ -143,6 +143,64 @@ __global__ void exit_then_barrier_kernel(const int* v, int* out) {
   out[t] = s[t + 16];
 }
 
+// Blocks of one launch (kBlocks of 32 threads), which nothing orders with each other. mode:
+// 0 each block writes its own 32 words (no race); 1 thread 0 of every block writes word 0;
+// 2 each block reads the next block's words, then writes its own; 3 every thread
+// atomicAdds word 0 (no race); 4 block 0 writes word 0 before a __syncthreads, block 1 reads
+// it after one (a barrier orders its own block only); 5 the same with __syncwarp.
+constexpr int kBlocks = 4;
+__global__ void blocks_kernel(int* out, int mode) {
+  const int b = blockIdx.x, t = threadIdx.x;
+  if (mode == 0) {
+    out[b * 32 + t] = b;
+  } else if (mode == 1) {
+    if (t == 0) out[0] = b;
+  } else if (mode == 2) {
+    const int x = out[((b + 1) % kBlocks) * 32 + t];
+    out[b * 32 + t] = x + 1;
+  } else if (mode == 3) {
+    atomicAdd(out, 1);
+  } else {
+    if (b == 0 && t == 0) out[0] = 7;
+    if (mode == 4)
+      __syncthreads();
+    else
+      __syncwarp();
+    if (b == 1 && t == 0) out[1] = out[0];
+  }
+}
+
+// Block b reads block b + 1's words, which the launch before it wrote (no race: launches on
+// a stream are ordered).
+__global__ void next_block_kernel(const int* in, int* out) {
+  const int b = blockIdx.x, t = threadIdx.x;
+  out[b * 32 + t] = in[((b + 1) % kBlocks) * 32 + t];
+}
+
+// Static __shared__ memory is the block's own: each block's thread 0 reads a word before
+// writing it (the fill, not the previous block's value), then every thread atomicAdds a
+// per-block counter. out[2b] = the word read, out[2b + 1] = the count.
+__global__ void static_shared_kernel(int* out) {
+  __shared__ int word;
+  __shared__ __align__(16) int count[4];
+  if (threadIdx.x == 0) {
+    out[2 * blockIdx.x] = word;
+    word = static_cast<int>(blockIdx.x);
+    count[0] = 0;
+  }
+  __syncthreads();
+  atomicAdd(&count[0], 1);
+  __syncthreads();
+  if (threadIdx.x == 0) out[2 * blockIdx.x + 1] = count[0];
+}
+
+// 200 KiB of static shared memory (st_big_static_shared launches it with dynamic too).
+__global__ void big_static_shared_kernel(int* out) {
+  __shared__ char big[200 * 1024];
+  big[threadIdx.x] = 1;
+  if (out) out[0] = big[0];
+}
+
 constexpr int kScan = 128;
 __global__ void scan_kernel(const int* v, int* out, int* total) {
   using Scan = cub::BlockScan<int, kScan>;
@@ -215,6 +273,31 @@ int st_cp_async_neighbour(const float* src, float* out, int threads, int sync) {
 
 int st_exit_then_barrier(const int* v, int* out) {
   exit_then_barrier_kernel<<<1, 32, 32 * sizeof(int)>>>(v, out);
+  return cudaGetLastError();
+}
+
+int st_blocks(int* out, int mode) {
+  blocks_kernel<<<kBlocks, 32>>>(out, mode);
+  return cudaGetLastError();
+}
+
+// blocks_kernel mode 0 into `out`, then next_block_kernel from `out` into `out2`.
+int st_blocks_then_next(int* out, int* out2) {
+  blocks_kernel<<<kBlocks, 32>>>(out, 0);
+  next_block_kernel<<<kBlocks, 32>>>(out, out2);
+  return cudaGetLastError();
+}
+
+int st_static_shared(int* out, int blocks, int threads) {
+  static_shared_kernel<<<blocks, threads>>>(out);
+  return cudaGetLastError();
+}
+
+int st_big_static_shared(int* out, int dynamic) {
+  const cudaError_t e = cudaFuncSetAttribute(big_static_shared_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             227 * 1024);
+  if (e != cudaSuccess) return e;
+  big_static_shared_kernel<<<1, 32, static_cast<size_t>(dynamic)>>>(out);
   return cudaGetLastError();
 }
 

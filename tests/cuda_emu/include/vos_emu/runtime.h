@@ -17,8 +17,9 @@
 //     collective waits for the lanes its mask names; a mask naming an exited lane, lanes
 //     disagreeing on the mask, or every thread waiting with no barrier complete (a
 //     deadlock) fails the launch with a message instead of hanging;
-//   - dynamic shared memory is allocated per block and filled with 0xff bytes (NaN as
-//     float, -1 as int), so a read of shared memory nothing wrote shows;
+//   - shared memory, dynamic and static (__shared__ variables), is allocated per block and
+//     filled with 0xff bytes (NaN as float, -1 as int), so a read of shared memory nothing
+//     wrote shows;
 //   - cp.async copies are queued per thread and done at the cp.async.wait_group that
 //     retires their group (a read of the destination before that sees the fill);
 //   - mma.sync.m16n8k8 TF32: operands truncated to TF32 (the low 13 bits ignored), exact
@@ -33,16 +34,21 @@
 // Data races (built with -fsanitize=thread, VOS_EMU_SANITIZE=thread in emu_build.py): each
 // thread of a block is a ThreadSanitizer fiber, and the emulator tells ThreadSanitizer the
 // orderings CUDA guarantees and no others: __syncthreads (and __syncthreads_count) orders
-// the block's threads, __syncwarp the lanes it names, a launch and a block's start follow
-// the host code before them, and the host code after a block follows all of its threads.
-// One leniency: a thread that has exited counts as having arrived at every later barrier of
-// its block (the barrier waits only for the others). Warp shuffles, ballots, match and mma
-// exchange registers only and order no memory; atomics are relaxed. ThreadSanitizer then
-// reports two accesses of a block's threads to one address, shared or global, at least one
-// a write and not both atomic, with no such ordering between them: what compute-sanitizer
-// racecheck reports for shared memory on a GPU, plus global memory within a block. Blocks
-// run in order, so races between blocks are not reported; and it keeps the last 4 accesses
-// per 8 bytes, so a race among many accesses to one word may go unreported. The emulator's
+// the block's threads, __syncwarp the lanes it names, every thread of a launch follows the
+// host code before it, and the host code after a launch follows all of its threads. Nothing
+// orders the blocks of one launch with each other, though the emulator runs them one after
+// another: each block gets new barrier sync objects, and consecutive blocks different
+// fibers (VOS_EMU_RACE_SETS sets of fibers, default 4, taken in turn; blocks k and k + 4
+// of a launch share fibers, which orders them, so a race between just those two goes
+// unreported; a report names a fiber by the last block it ran). One leniency: a thread
+// that has exited counts as having arrived at every later barrier of its block (the barrier
+// waits only for the others). Warp shuffles, ballots, match and mma exchange registers only
+// and order no memory; atomics are relaxed. ThreadSanitizer then reports two accesses of a
+// launch's threads to one address, shared or global, at least one a write and not both
+// atomic, with no such ordering between them: what compute-sanitizer racecheck reports for
+// shared memory on a GPU, plus global memory within a block and between the blocks of a
+// launch (which racecheck does not check). It keeps the last 4 accesses per 8 bytes, so a
+// race among many accesses to one word may go unreported. The emulator's
 // own bookkeeping runs with ThreadSanitizer ignoring it (Quiet below); a cp.async copy
 // counts as a write of the thread that issued it, made at its wait_group.
 #pragma once
@@ -68,6 +74,7 @@ void AnnotateIgnoreWritesEnd(const char* file, int line);
 #include <functional>
 #include <limits>
 #include <map>
+#include <new>
 #include <random>
 #include <string>
 #include <tuple>
@@ -83,7 +90,6 @@ void AnnotateIgnoreWritesEnd(const char* file, int line);
 #define __noinline__
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
-#define __shared__ static
 
 // ---- runtime types ------------------------------------------------------------------------
 struct uint3 {
@@ -224,15 +230,27 @@ struct State {
   unsigned live = 0;
   unsigned bar_gen = 0, bar_count = 0;
   int bar_acc = 0, bar_result = 0;
-  // ThreadSanitizer: its fiber of the host code, one fiber per thread index (kept across
-  // blocks and launches), and the sync objects of __syncthreads (by generation parity), of
-  // a block's start (host -> threads) and of its threads' exits (threads -> host)
+  // ThreadSanitizer: its fiber of the host code; sets of fibers, one per thread index, kept
+  // across launches, the k-th block of a launch run by set k % race_sets() (see "Data races"
+  // above); the sync objects of __syncthreads (by generation parity; a new allocation for
+  // each block, as are the warps' of __syncwarp), and those of a launch's start (host ->
+  // every block's threads) and of its threads' exits (threads -> host)
   void* tsan_host = nullptr;
-  std::vector<void*> tsan_fibers;
-  char bar_sync[2], block_start, block_end;
+  std::vector<std::vector<void*>> tsan_sets;
+  void** tsan_fibers = nullptr;  // the set running the current block
+  char* bar_sync = nullptr;
+  char launch_start, launch_end;
   uint64_t progress = 0;
   unsigned char* smem = nullptr;
   size_t smem_bytes = 0;
+  // static __shared__ variables of the block being run (block_shared below)
+  struct StaticShared {
+    const void* key;
+    void* p;
+    size_t align;
+  };
+  std::vector<StaticShared> static_smem;
+  size_t static_smem_bytes = 0;
   std::function<void()> body;
   // errors
   bool failed = false;
@@ -384,17 +402,43 @@ inline unsigned char* shared_address(uint32_t s, int bytes, const char* what) {
   return g.smem + s;
 }
 
+// ---- static shared memory -----------------------------------------------------------------
+// `__shared__ T name[N];` (rewritten by emu_translate.py into a call of this) is storage of
+// the block, as on a GPU: the block's first thread to reach the declaration allocates it,
+// filled with 0xff bytes like the dynamic shared memory (so a read nothing wrote shows), and
+// it is freed with the block; `key` tells the declarations apart. Static and dynamic shared
+// memory together over the sm_90 limit fail the launch. (cp.async and
+// __cvta_generic_to_shared take dynamic shared memory only, all the kernels use.)
+template <class T, size_t Align>
+inline T& block_shared(const void* key) {
+  Quiet q;
+  for (const State::StaticShared& s : g.static_smem)
+    if (s.key == key) return *static_cast<T*>(s.p);
+  g.static_smem_bytes += sizeof(T);
+  if (g.static_smem_bytes + g.smem_bytes > static_cast<size_t>(kSmemOptin)) {
+    char m[160];
+    std::snprintf(m, sizeof m, "shared memory: %zu bytes static + %zu dynamic, over the %d of a block",
+                  g.static_smem_bytes, g.smem_bytes, kSmemOptin);
+    fail(m);
+  }
+  constexpr size_t align = std::max({Align, alignof(T), size_t(16)});
+  void* p = ::operator new(sizeof(T), std::align_val_t(align));
+  std::memset(p, 0xff, sizeof(T));
+  g.static_smem.push_back({key, p, align});
+  return *static_cast<T*>(p);
+}
+
 // ---- launch -------------------------------------------------------------------------------
 // The bottom frame of every thread. Not instrumented: it switches ThreadSanitizer to the host
 // fiber before it returns, so an instrumented exit here would pop the host's stack.
 __attribute__((no_sanitize("thread"))) inline void fiber_entry() {
-  hb_acquire(&g.block_start);
+  hb_acquire(&g.launch_start);
   g.body();
   // an exited thread's accesses are ordered before every later barrier of its block and
-  // before the host code after the block
+  // before the host code after the launch
   hb_release(&g.bar_sync[0]);
   hb_release(&g.bar_sync[1]);
-  hb_release(&g.block_end);
+  hb_release(&g.launch_end);
   {
     Quiet q;
     Fiber& f = me();
@@ -434,10 +478,22 @@ inline void set_error(cudaError_t e, const std::string& text) {
   }
 }
 
-// Runs one block; false if it failed (g.message says why).
-inline bool run_block(unsigned nthreads, size_t smem, const std::string& mode, uint64_t salt) {
+// The number of fiber sets of the race detector: VOS_EMU_RACE_SETS (2..64, default 4).
+inline unsigned race_sets() {
+  const char* e = std::getenv("VOS_EMU_RACE_SETS");
+  const unsigned long n = e && *e ? std::strtoul(e, nullptr, 10) : 4;
+  return static_cast<unsigned>(std::clamp<unsigned long>(n, 2, 64));
+}
+
+// Runs one block, the k-th of its launch; false if it failed (g.message says why).
+inline bool run_block(unsigned nthreads, size_t smem, const std::string& mode, uint64_t k) {
+  const uint64_t salt = k + 1;
   g.fibers.assign(nthreads, Fiber());
-  g.warps.assign((nthreads + 31) / 32, Warp());
+  // new allocations for the block's sync objects: freeing the last block's discarded the
+  // orderings its threads had released into them, which would otherwise order its accesses
+  // before this block's (blocks of a launch are unordered)
+  std::vector<Warp>((nthreads + 31) / 32).swap(g.warps);
+  g.bar_sync = new char[2];
   for (unsigned t = 0; t < nthreads; ++t) g.warps[t >> 5].exist |= 1u << (t & 31u);
   g.live = nthreads;
   g.bar_gen = g.bar_count = 0;
@@ -457,7 +513,15 @@ inline bool run_block(unsigned nthreads, size_t smem, const std::string& mode, u
     makecontext(&f.ctx, fiber_entry, 0);
   }
   if (kRaceCheck) {
-    if (g.tsan_fibers.size() < nthreads) g.tsan_fibers.resize(nthreads, nullptr);
+    // a fiber's accesses are ordered by its program order: blocks k and k + race_sets() of a
+    // launch share fibers, so a race between them goes unreported. (New fibers for every block
+    // would not help: ThreadSanitizer reuses a destroyed fiber's thread id, and every access
+    // of its earlier owner then counts as ordered before the new one's.)
+    const unsigned sets = race_sets();
+    if (g.tsan_sets.size() < sets) g.tsan_sets.resize(sets);
+    std::vector<void*>& set = g.tsan_sets[k % sets];
+    if (set.size() < nthreads) set.resize(nthreads, nullptr);
+    g.tsan_fibers = set.data();
     for (unsigned t = 0; t < nthreads; ++t) {
       if (!g.tsan_fibers[t]) g.tsan_fibers[t] = tsan_new_fiber();
       // reports name the thread: "thread (x,y,z) of block (x,y,z)"
@@ -468,7 +532,6 @@ inline bool run_block(unsigned nthreads, size_t smem, const std::string& mode, u
       tsan_name(g.tsan_fibers[t], name);
     }
   }
-  hb_release(&g.block_start);
   const std::vector<unsigned> o = order(nthreads, mode, salt);
   while (g.live > 0 && !g.failed) {
     const uint64_t before = g.progress;
@@ -491,7 +554,6 @@ inline bool run_block(unsigned nthreads, size_t smem, const std::string& mode, u
       g.message = m + where;
     }
   }
-  hb_acquire(&g.block_end);
   if (kRaceCheck && g.failed) {
     // the threads of a failed block stay suspended mid-kernel: new fibers for their indices
     for (unsigned t = 0; t < nthreads; ++t)
@@ -500,11 +562,17 @@ inline bool run_block(unsigned nthreads, size_t smem, const std::string& mode, u
         g.tsan_fibers[t] = nullptr;
       }
   }
+  g.tsan_fibers = nullptr;
+  delete[] g.bar_sync;
+  g.bar_sync = nullptr;
   for (Fiber& f : g.fibers) std::free(f.stack);
   g.fibers.clear();
   g.current = -1;
   std::free(g.smem);
   g.smem = nullptr;
+  for (const State::StaticShared& s : g.static_smem) ::operator delete(s.p, std::align_val_t(s.align));
+  g.static_smem.clear();
+  g.static_smem_bytes = 0;
   return !g.failed;
 }
 
@@ -553,16 +621,20 @@ inline void run_grid(const char* name, const char* signature, const void* kernel
   const bool reorder = mode != "forward" && nblocks <= (1u << 20);
   const std::vector<unsigned> o = reorder ? order(static_cast<unsigned>(nblocks), mode, 0x5eed)
                                           : std::vector<unsigned>();
+  // every block's threads follow the host code before the launch, and the host code after it
+  // follows all of them; nothing orders one block's threads with another's
+  hb_release(&g.launch_start);
   for (uint64_t i = 0; i < nblocks; ++i) {
     const uint64_t b = reorder ? o[i] : i;
     blockIdx = uint3{static_cast<unsigned>(b % grid.x), static_cast<unsigned>((b / grid.x) % grid.y),
                      static_cast<unsigned>(b / (uint64_t(grid.x) * grid.y))};
-    if (!run_block(static_cast<unsigned>(nthreads), smem, mode, i + 1)) {
+    if (!run_block(static_cast<unsigned>(nthreads), smem, mode, i)) {
       set_error(cudaErrorLaunchFailure, std::string("emulator: ") + name + ": " + g.message);
       std::fprintf(stderr, "vos_emu: %s: %s\n", name, g.message.c_str());
       break;
     }
   }
+  hb_acquire(&g.launch_end);
   g.body = nullptr;
   threadIdx = uint3{0, 0, 0};
 }
