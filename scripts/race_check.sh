@@ -22,6 +22,14 @@ fi
 export VOS_EMU_SANITIZE=thread VOS_CUDA_TESTS_EMULATED=1
 # build before preloading the runtime (the compiler need not run under it)
 "$PY" tests/cuda_emu/emu_build.py
+# a report fails the test it came in (tests/test_cuda.py); one outside any test (collection,
+# exit) fails the run here
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
 # one OpenMP thread: torch's own threads synchronise in code ThreadSanitizer does not see
 OMP_NUM_THREADS=1 LD_PRELOAD="$tsan" TSAN_OPTIONS="halt_on_error=0 ${TSAN_OPTIONS:-}" \
-    "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py "$@"
+    "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py "$@" 2>&1 | tee "$log"
+if grep -q "WARNING: ThreadSanitizer" "$log"; then
+    echo "race_check: a report outside the tests (above)" >&2
+    exit 1
+fi

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command of the README: set-up (scripts/install.sh), then the whole test suite
 # and the pytest-benchmark cases as a smoke pass (timing disabled), then, without a GPU,
-# tests/test_cuda.py on CPU tensors and on the CUDA emulator (plain, then race-checked).
+# tests/test_cuda.py on CPU tensors and on the CUDA emulator (plain, race-checked, then
+# memory-checked).
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k global`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,8 +18,10 @@ if [ $# -eq 0 ] && ! "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_ava
     # fibers; a process of its own, as it replaces the CPU kernels of those ops)
     if command -v g++ >/dev/null 2>&1; then
         VOS_CUDA_TESTS_EMULATED=1 "$PY" -m pytest -q tests/test_cuda.py
-        # and once more with the emulator's race detector (ThreadSanitizer, ~10 min);
-        # exit 3: no ThreadSanitizer runtime here, said and skipped
+        # and once more with the emulator's race detector (ThreadSanitizer, ~8 min) and
+        # memory checker (AddressSanitizer, ~7 min); exit 3: no such runtime here, said
+        # and skipped
         bash scripts/race_check.sh || { rc=$?; [ "$rc" -eq 3 ] || exit "$rc"; }
+        bash scripts/memcheck.sh || { rc=$?; [ "$rc" -eq 3 ] || exit "$rc"; }
     fi
 fi

@@ -59,16 +59,20 @@ else:
     DEV = torch.device("cpu")
     BACKENDS = ["cuda", "triton"]
 
-# The emulator built with ThreadSanitizer (scripts/race_check.sh): a race reported while a
-# test runs fails that test.
-RACE_CHECK = EMULATED and os.environ.get("VOS_EMU_SANITIZE") == "thread"
-if RACE_CHECK:
+# The emulator built with ThreadSanitizer (scripts/race_check.sh) or AddressSanitizer
+# (scripts/memcheck.sh): a race or an out-of-bounds access reported while a test runs fails
+# that test.
+SANITIZER_REPORT = {"thread": ("WARNING: ThreadSanitizer", "ThreadSanitizer reported a race in a CUDA kernel"),
+                    "address": ("ERROR: AddressSanitizer", "AddressSanitizer reported a bad access in a CUDA kernel")}
+if EMULATED and os.environ.get("VOS_EMU_SANITIZE") in SANITIZER_REPORT:
+    _REPORT, _WHAT = SANITIZER_REPORT[os.environ["VOS_EMU_SANITIZE"]]
+
     @pytest.fixture(autouse=True)
-    def _no_race_report(capfd):
+    def _no_sanitizer_report(capfd):
         yield
         err = capfd.readouterr().err
-        if "WARNING: ThreadSanitizer" in err:
-            pytest.fail(f"ThreadSanitizer reported a race in a CUDA kernel:\n{err[:12000]}", pytrace=False)
+        if _REPORT in err:
+            pytest.fail(f"{_WHAT}:\n{err[:12000]}", pytrace=False)
 
 pytestmark = [
     pytest.mark.cuda,

@@ -13,7 +13,10 @@ read by another thread without a barrier, and two blocks of one launch writing o
 one reading what the other writes (a barrier orders its own block only); none for the same
 kernels correctly ordered, for atomics, for blocks with disjoint words or in consecutive
 launches, for __shared__ variables (each block's own) or for the emulator's own
-bookkeeping.
+bookkeeping; and the memory checker (the emulator built with AddressSanitizer,
+tests/cuda_emu/mem_cases.py in a subprocess): a report with the kernel's line for a write
+past a tensor, a read before one, a write past the launch's dynamic shared memory and a read
+past a static __shared__ array; none for the same kernel in bounds.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emu"))
 import emu_build as cuda_emu  # noqa: E402
+import mem_cases  # noqa: E402
 import race_cases  # noqa: E402
 
 pytestmark = pytest.mark.skipif(cuda_emu.available() is not None, reason=f"emulator: {cuda_emu.available()}")
@@ -209,32 +213,35 @@ def test_sort_pairs_is_stable_on_the_key_bits(st, rng):
     assert np.array_equal(vo, vals[order]) and np.array_equal(ko, keys[order])
 
 
-# ---- race detector (the emulator built with ThreadSanitizer) --------------------------------
-def _tsan_env() -> dict:
-    env = dict(os.environ)
-    env.update(
-        LD_PRELOAD=cuda_emu.tsan_runtime(),
-        VOS_EMU_SANITIZE="thread",
-        # report every race, even one whose stacks or address an earlier report had
-        TSAN_OPTIONS="suppress_equal_stacks=0 suppress_equal_addresses=0",
-    )
-    return env
+# ---- race detector and memory checker (the emulator built with a sanitizer) ---------------
+def _case_reports(script: str, mode: str, runtime: str | None, **env: str) -> dict:
+    """{case: its stderr} of ``script`` (race_cases.py or mem_cases.py) run in a subprocess
+    with the self-test kernels built with ``VOS_EMU_SANITIZE=mode`` and ``runtime``
+    preloaded."""
+    if runtime is None:
+        pytest.skip(f"g++ has no sanitizer runtime for VOS_EMU_SANITIZE={mode}")
+    build_env = {**os.environ, "VOS_EMU_SANITIZE": mode}
+    # build first without the runtime preloaded (g++ under a sanitizer is slow)
+    subprocess.run([sys.executable, "-c", "import emu_build; emu_build.build_selftest()"], check=True,
+                   env=build_env, cwd=os.path.dirname(script))
+    r = subprocess.run([sys.executable, script], env={**build_env, **env, "LD_PRELOAD": runtime},
+                       capture_output=True, text=True, timeout=600)
+    parts = r.stderr.split("=== ")
+    reports = {p.split("\n", 1)[0]: p for p in parts[1:]}
+    assert "end" in reports, f"{os.path.basename(script)} did not finish (exit {r.returncode}):\n{r.stderr[-4000:]}"
+    return reports
 
 
 @pytest.fixture(scope="module")
 def race_reports():
-    """{case: its stderr} of tests/cuda_emu/race_cases.py run under ThreadSanitizer."""
-    if cuda_emu.tsan_runtime() is None:
-        pytest.skip("g++ has no ThreadSanitizer runtime")
-    script = race_cases.__file__
-    # build first without the runtime preloaded (g++ under ThreadSanitizer is slow)
-    subprocess.run([sys.executable, "-c", "import emu_build; emu_build.build_selftest()"], check=True,
-                   env={**os.environ, "VOS_EMU_SANITIZE": "thread"}, cwd=os.path.dirname(script))
-    r = subprocess.run([sys.executable, script], env=_tsan_env(), capture_output=True, text=True, timeout=600)
-    parts = r.stderr.split("=== ")
-    reports = {p.split("\n", 1)[0]: p for p in parts[1:]}
-    assert "end" in reports, f"race_cases.py did not finish (exit {r.returncode}):\n{r.stderr[-4000:]}"
-    return reports
+    # report every race, even one whose stacks or address an earlier report had
+    return _case_reports(race_cases.__file__, "thread", cuda_emu.tsan_runtime(),
+                         TSAN_OPTIONS="suppress_equal_stacks=0 suppress_equal_addresses=0")
+
+
+@pytest.fixture(scope="module")
+def mem_reports():
+    return _case_reports(mem_cases.__file__, "address", cuda_emu.asan_runtime(), ASAN_OPTIONS=cuda_emu.ASAN_OPTIONS)
 
 
 @pytest.mark.parametrize("case", list(race_cases.CASES))
@@ -248,3 +255,16 @@ def test_race_detector(race_reports, case):
         assert "WARNING: ThreadSanitizer: data race" in text, f"no race reported:\n{text[:3000]}"
         first = text.split("WARNING: ThreadSanitizer", 2)[1]
         assert racy_kernel in first and "of block (0,0,0)" in first, first[:6000]
+
+
+@pytest.mark.parametrize("case", list(mem_cases.CASES))
+def test_memory_checker(mem_reports, case):
+    access = mem_cases.CASES[case][0]
+    text = mem_reports[case]
+    assert "CASE FAILED" not in text, text
+    if access is None:
+        assert "AddressSanitizer" not in text, f"a report for an in-bounds case:\n{text[:6000]}"
+    else:
+        assert "ERROR: AddressSanitizer" in text, f"no report:\n{text[:3000]}"
+        first = text.split("ERROR: AddressSanitizer", 2)[1]
+        assert access in first and "oob_kernel" in first and "selftest.cu" in first, first[:6000]

@@ -11,15 +11,14 @@ emulator. Load it only in a process of its own (tests/test_cuda.py with
 
     python tests/cuda_emu/emu_build.py        # build only, print the library's path
 
-``VOS_EMU_SANITIZE=address`` builds with AddressSanitizer, which then reports any
-out-of-bounds access of a kernel to a tensor (torch's CPU allocations) or to shared memory
-(allocated per block at its launch size). The process needs the runtime preloaded:
-
-    LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so.6)" \
-    ASAN_OPTIONS=detect_leaks=0 VOS_EMU_SANITIZE=address VOS_CUDA_TESTS_EMULATED=1 \
-    python -m pytest -q tests/test_cuda.py
-
-(ASan warns once that it does not fully support swapcontext, which the fibers use.)
+``VOS_EMU_SANITIZE=address`` builds with AddressSanitizer, the emulator's memory checker:
+it reports any out-of-bounds access of a kernel to a tensor (torch's CPU allocations) or to
+shared memory (dynamic: allocated per block at its launch size; static: per declaration and
+block), and goes on after a report (``-fsanitize-recover=address`` with
+``ASAN_OPTIONS=halt_on_error=0``) so that each report fails the test that made it. The
+process needs the runtime preloaded (``asan_runtime()``); ``bash scripts/memcheck.sh`` runs
+tests/test_cuda.py so. (ASan warns once that it does not fully support swapcontext, which
+the fibers use.)
 
 ``VOS_EMU_SANITIZE=thread`` builds with ThreadSanitizer, the emulator's race detector
 (runtime.h, "Data races"): ``bash scripts/race_check.sh`` runs tests/test_cuda.py on it.
@@ -60,8 +59,8 @@ def _sources() -> tuple[list[str], list[str]]:
     return cu, glue
 
 
-_SANITIZE = {"": [], "address": ["-fsanitize=address", "-fno-omit-frame-pointer"],
-             "thread": ["-fsanitize=thread", "-g1"]}  # -g1: file and line in its reports
+_SANITIZE = {"": [], "address": ["-fsanitize=address", "-fsanitize-recover=address", "-fno-omit-frame-pointer", "-g1"],
+             "thread": ["-fsanitize=thread", "-g1"]}  # -g1: file and line in their reports
 
 
 def _sanitize_flags() -> list[str]:
@@ -71,20 +70,43 @@ def _sanitize_flags() -> list[str]:
     return _SANITIZE[mode]
 
 
+def _preload_if_it_starts(libs: list[str], **env: str) -> str | None:
+    """``libs`` (names for g++ -print-file-name) as one LD_PRELOAD value, or None if g++
+    lacks one of them or this interpreter (``sys.executable``), with ``env`` set, does not
+    start with them preloaded (a sanitizer runtime that cannot map its shadow memory here)."""
+    paths = []
+    for name in libs:
+        try:
+            path = subprocess.run(["g++", f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+        except OSError:
+            return None
+        if not (os.path.isabs(path) and os.path.exists(path)):
+            return None
+        paths.append(path)
+    preload = " ".join(paths)
+    probe = subprocess.run([sys.executable, "-c", "pass"], env={**os.environ, **env, "LD_PRELOAD": preload},
+                           capture_output=True, timeout=120)
+    return preload if probe.returncode == 0 else None
+
+
 @functools.lru_cache(maxsize=None)
 def tsan_runtime() -> str | None:
-    """Path of g++'s ThreadSanitizer runtime, to LD_PRELOAD into this interpreter
-    (``sys.executable``), or None if g++ has none or this interpreter does not start with
-    it preloaded (a sanitizer runtime that cannot map its shadow memory here)."""
-    try:
-        path = subprocess.run(["g++", "-print-file-name=libtsan.so"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return None
-    if not (os.path.isabs(path) and os.path.exists(path)):
-        return None
-    probe = subprocess.run([sys.executable, "-c", "pass"], env={**os.environ, "LD_PRELOAD": path},
-                           capture_output=True, timeout=120)
-    return path if probe.returncode == 0 else None
+    """g++'s ThreadSanitizer runtime, to LD_PRELOAD into this interpreter, or None if there
+    is none that it starts with."""
+    return _preload_if_it_starts(["libtsan.so"])
+
+
+# Python's own allocations are not freed at exit (no leak checks); go on after a report
+ASAN_OPTIONS = "detect_leaks=0:halt_on_error=0"
+
+
+@functools.lru_cache(maxsize=None)
+def asan_runtime() -> str | None:
+    """g++'s AddressSanitizer runtime and libstdc++ as one LD_PRELOAD value for this
+    interpreter, or None if there is none that it starts with. (libstdc++ too: Python does
+    not load it, and ASan resolves the real C++ exception functions it intercepts, such as
+    ``__cxa_throw``, at start.)"""
+    return _preload_if_it_starts(["libasan.so", "libstdc++.so.6"], ASAN_OPTIONS=ASAN_OPTIONS)
 
 
 def _digest(torch_dir: str) -> str:
@@ -183,4 +205,8 @@ def load() -> str:
 
 
 if __name__ == "__main__":
-    print(build())
+    if sys.argv[1:] == ["--runtime"]:   # the LD_PRELOAD value for VOS_EMU_SANITIZE, "" if none
+        mode = os.environ.get("VOS_EMU_SANITIZE", "")
+        print({"thread": tsan_runtime, "address": asan_runtime}.get(mode, lambda: "")() or "")
+    else:
+        print(build())

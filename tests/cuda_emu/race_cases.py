@@ -128,13 +128,15 @@ CASES = {
 }
 
 
-def main(names: list[str]) -> None:
+def main(names: list[str], cases: dict = CASES) -> None:
+    """Runs ``cases[name]`` for each name, each after its ``=== name`` line (also used by
+    mem_cases.py)."""
     lib = ctypes.CDLL(emu_build.build_selftest())
-    for name in names:
+    for name in names or list(cases):
         os.write(2, f"=== {name}\n".encode())
-        CASES[name][1](lib)
+        cases[name][1](lib)
     os.write(2, b"=== end\n")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or list(CASES))
+    main(sys.argv[1:])

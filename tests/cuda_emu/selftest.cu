@@ -215,6 +215,29 @@ __global__ void noop_kernel(int* out) {
   if (out) out[0] = 1;
 }
 
+// Memory checker cases (the emulator built with AddressSanitizer, tests/cuda_emu/mem_cases.py):
+// each of the 32 threads copies in[t] to out[t] through dynamic and static shared memory of
+// 32 ints; mode 0 stays in bounds, mode m > 0 makes thread 0 also touch one word past (or
+// before) a buffer: 1 writes out[32], 2 reads in[-1], 3 writes dynamic shared [32], 4 reads
+// static shared [32]. `at` is the index 32 (or -1) from the host, so no compiler sees it.
+constexpr int kOob = 32;
+__global__ void oob_kernel(const int* in, int* out, int mode, int at) {
+  extern __shared__ int dyn[];
+  __shared__ int fixed[kOob];
+  const int t = threadIdx.x;
+  dyn[t] = in[t];
+  fixed[t] = dyn[t] + 1;
+  __syncthreads();
+  int x = fixed[(t + 1) % kOob];
+  if (t == 0) {
+    if (mode == 1) out[at] = 1;
+    if (mode == 2) x += in[at];
+    if (mode == 3) dyn[at] = 1;
+    if (mode == 4) x += fixed[at];
+  }
+  out[t] = x;
+}
+
 }  // namespace
 
 extern "C" {
@@ -303,6 +326,11 @@ int st_big_static_shared(int* out, int dynamic) {
 
 int st_scan(const int* v, int* out, int* total) {
   scan_kernel<<<1, kScan>>>(v, out, total);
+  return cudaGetLastError();
+}
+
+int st_oob(const int* in, int* out, int mode, int at) {
+  oob_kernel<<<1, kOob, kOob * sizeof(int)>>>(in, out, mode, at);
   return cudaGetLastError();
 }
 
