@@ -74,6 +74,30 @@ if EMULATED and os.environ.get("VOS_EMU_SANITIZE") in SANITIZER_REPORT:
         if _REPORT in err:
             pytest.fail(f"{_WHAT}:\n{err[:12000]}", pytrace=False)
 
+# Without a GPU (on CPU tensors, and so on the emulator), every at::empty / torch.empty of a
+# test fills its memory (NaN for floating point, the largest value for integers, 0xff bytes
+# for the kernels' workspaces), so that memory a kernel reads without having written it, or
+# an output word it leaves unwritten, carries NaN or an out-of-range value into the results
+# the test checks, not zeros that may pass (the role of compute-sanitizer initcheck on a
+# GPU). Not on a GPU: deterministic mode there also makes torch raise for its
+# nondeterministic CUDA ops.
+@pytest.fixture(autouse=True)
+def _fill_uninitialized_memory():
+    if not ON_CPU:
+        yield
+        return
+    det = torch.utils.deterministic
+    old = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+           det.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True)
+    det.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(old[0], warn_only=old[1])
+        det.fill_uninitialized_memory = old[2]
+
+
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available() and not ON_CPU, reason="needs a CUDA GPU"),
