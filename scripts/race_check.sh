@@ -7,7 +7,7 @@
 # counterpart of compute-sanitizer racecheck on a GPU (which checks shared memory only; this
 # checks global memory too, within a block and between the blocks of a launch).
 # Extra arguments go to pytest, e.g. `bash scripts/race_check.sh -k local`.
-# Needs g++ with libtsan (exit 3 without one); about 10 min on 2 cores, 1 of them the build.
+# Needs g++ with libtsan (exit 3 without one); about 8 min on 2 cores, 1 of them the build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

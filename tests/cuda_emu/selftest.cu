@@ -216,9 +216,9 @@ __global__ void noop_kernel(int* out) {
 }
 
 // Memory checker cases (the emulator built with AddressSanitizer, tests/cuda_emu/mem_cases.py):
-// each of the 32 threads copies in[t] to out[t] through dynamic and static shared memory of
-// 32 ints; mode 0 stays in bounds, mode m > 0 makes thread 0 also touch one word past (or
-// before) a buffer: 1 writes out[32], 2 reads in[-1], 3 writes dynamic shared [32], 4 reads
+// thread t writes out[t] = in[(t + 1) % 32] + 1, passed through dynamic and static shared
+// memory of 32 ints each; mode 0 stays in bounds, mode m > 0 makes thread 0 also touch one
+// word past (or before) a buffer: 1 writes out[32], 2 reads in[-1], 3 writes dynamic shared [32], 4 reads
 // static shared [32]. `at` is the index 32 (or -1) from the host, so no compiler sees it.
 constexpr int kOob = 32;
 __global__ void oob_kernel(const int* in, int* out, int mode, int at) {
