@@ -14,12 +14,12 @@ PY=${PYTHON:-python3}
 # the interpreter itself, not a wrapper script (pyenv's shims are bash scripts, and the
 # ThreadSanitizer runtime must be preloaded into python, not into a shell)
 PY=$("$PY" -c 'import sys; print(sys.executable)')
-tsan=$("$PY" -c 'import sys; sys.path.insert(0, "tests/cuda_emu"); import emu_build; print(emu_build.tsan_runtime() or "")')
+export VOS_EMU_SANITIZE=thread VOS_CUDA_TESTS_EMULATED=1
+tsan=$("$PY" tests/cuda_emu/emu_build.py --runtime)
 if [ -z "$tsan" ]; then
     echo "race_check: no ThreadSanitizer runtime that $PY starts with (g++ -print-file-name=libtsan.so)" >&2
     exit 3
 fi
-export VOS_EMU_SANITIZE=thread VOS_CUDA_TESTS_EMULATED=1
 # build before preloading the runtime (the compiler need not run under it)
 "$PY" tests/cuda_emu/emu_build.py
 # a report fails the test it came in (tests/test_cuda.py); one outside any test (collection,

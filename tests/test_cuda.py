@@ -81,21 +81,19 @@ if EMULATED and os.environ.get("VOS_EMU_SANITIZE") in SANITIZER_REPORT:
 # the test checks, not zeros that may pass (the role of compute-sanitizer initcheck on a
 # GPU). Not on a GPU: deterministic mode there also makes torch raise for its
 # nondeterministic CUDA ops.
-@pytest.fixture(autouse=True)
-def _fill_uninitialized_memory():
-    if not ON_CPU:
-        yield
-        return
-    det = torch.utils.deterministic
-    old = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-           det.fill_uninitialized_memory)
-    torch.use_deterministic_algorithms(True)
-    det.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(old[0], warn_only=old[1])
-        det.fill_uninitialized_memory = old[2]
+if ON_CPU:
+    @pytest.fixture(autouse=True)
+    def _fill_uninitialized_memory():
+        det = torch.utils.deterministic
+        old = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+               det.fill_uninitialized_memory)
+        torch.use_deterministic_algorithms(True)
+        det.fill_uninitialized_memory = True
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(old[0], warn_only=old[1])
+            det.fill_uninitialized_memory = old[2]
 
 
 pytestmark = [
