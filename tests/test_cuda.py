@@ -24,15 +24,25 @@ Tolerances (documented in docs/internals.md, "CUDA precision"):
   1e-5 + 8 x the float64 reference's sensitivity to rounding (``oracle.assert_within_rounding``).
 Indices are checked by the distance they point at, since under TF32 a near tie may pick
 either pixel; where the minimum is unique by a margin the index must be the oracle's.
+
+Besides the fixed cases, ``test_random_*`` (at the end) draw shapes, dtypes, matmul
+precisions, label patterns and NaN placements with hypothesis across the kernels' tile
+boundaries, a few examples per run (``VOS_CUDA_FUZZ_EXAMPLES``, default 8), seeded by
+``VOS_TEST_SEED``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
+import hypothesis
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+import conftest
 import oracle
 import vos_kernels as vk
 from vos_kernels import reference as R
@@ -45,7 +55,6 @@ if torch.cuda.is_available():
 elif EMULATED:
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emu"))
     import emu_build as cuda_emu  # noqa: E402
-    import conftest  # noqa: E402
 
     # a fresh thread order per run, replayed with the run's VOS_TEST_SEED
     os.environ.setdefault("VOS_EMU_ORDER", f"shuffle:{conftest.SESSION_SEED}")
@@ -151,9 +160,9 @@ def assert_close_rel(out, want, scale, tol, what):
     both_nan = torch.isnan(out) & torch.isnan(want)
     err = torch.where(both_inf | both_nan, torch.zeros_like(out), (out - want).abs())
     err = torch.nan_to_num(err, nan=float("inf"))
-    bad = err > tol * scale
+    bad = err > tol * scale                 # scale: a number, or a tensor per element
     assert not bad.any(), (f"{what}: {int(bad.sum())} of {bad.numel()} elements off; max err "
-                           f"{float(err.max()):.3g} > tol {tol} x scale {float(scale):.3g}")
+                           f"{float(err.max()):.3g} > tol {tol} x scale {float(torch.as_tensor(scale).max()):.3g}")
 
 
 def sqdist_at(query, reference, index):
@@ -170,9 +179,29 @@ def sqdist_at(query, reference, index):
 
 
 def norm_scale(query, reference):
-    """Per-problem scale of a squared distance: max ‖q‖² + max ‖r‖²."""
+    """Per-problem scale of a squared distance: max ‖q‖² + max ‖r‖² over the rows without
+    NaN (a NaN scale would make every comparison against it pass)."""
     q, r = cpu64(query, reference)
-    return float((q * q).sum(-1).max() + (r * r).sum(-1).max())
+    return float(torch.nan_to_num((q * q).sum(-1), nan=0.0).max() + torch.nan_to_num((r * r).sum(-1), nan=0.0).max())
+
+
+def check_nearest(q, r, lab, L, rate, sq, ix, tol, exact_index):
+    """labelled_nearest_sqdist's (sqdist, index) against the float64 reference: the minima
+    within ``tol`` relative to ‖q‖² + ‖r‖², the same empty labels, an index that points at a
+    pixel of its label at that distance, and (``exact_index``) the reference's index."""
+    want, want_ix = R.labelled_nearest_sqdist(*cpu64(q, r), lab.cpu(), L, rate)
+    scale = norm_scale(q, r)
+    assert_close_rel(sq, want, scale, tol, "sqdist")
+    assert ((ix >= 0).cpu() == (want_ix >= 0)).all(), "empty labels differ"
+    at = sqdist_at(q, r, ix)
+    assert_close_rel(at.clamp(min=0), want, scale, tol, "distance at the returned index")
+    B = lab.shape[0]
+    lab_flat = lab.cpu().reshape(B, -1)
+    got_lab = torch.gather(lab_flat, 1, ix.cpu().clamp(min=0).reshape(B, -1)).reshape(ix.shape)
+    lvals = torch.arange(L).view(1, L, 1, 1).expand_as(got_lab)
+    assert ((got_lab == lvals) | (ix.cpu() < 0)).all(), "index points at a pixel of another label"
+    if exact_index:
+        assert (ix.cpu() == want_ix).all()
 
 
 # ----------------------------------------------------------------------------------------
@@ -198,19 +227,7 @@ def test_global_sqdist(gen, backend, case, dtype):
     r = randn(gen, 2, T, Hr, Wr, C, dtype=dtype)
     lab = labels(gen, L, 2, T, Hr, Wr)
     sq, ix = vk.labelled_nearest_sqdist(q, r, lab, L, rate)
-    want, want_ix = R.labelled_nearest_sqdist(*cpu64(q, r), lab.cpu(), L, rate)
-    tol, scale = rel_tol(dtype), norm_scale(q, r)
-    assert_close_rel(sq, want, scale, tol, "sqdist")
-    assert ((ix >= 0).cpu() == (want_ix >= 0)).all(), "empty labels differ"
-    # the index points at a pixel of that label whose distance is the minimum
-    at = sqdist_at(q, r, ix)
-    assert_close_rel(at.clamp(min=0), want, scale, tol, "distance at the returned index")
-    lab_flat = lab.cpu().reshape(2, -1)
-    got_lab = torch.gather(lab_flat, 1, ix.cpu().clamp(min=0).reshape(2, -1)).reshape(ix.shape)
-    lvals = torch.arange(L).view(1, L, 1, 1).expand_as(got_lab)
-    assert ((got_lab == lvals) | (ix.cpu() < 0)).all(), "index points at a pixel of another label"
-    if dtype == torch.float64:
-        assert (ix.cpu() == want_ix).all()
+    check_nearest(q, r, lab, L, rate, sq, ix, rel_tol(dtype), exact_index=dtype == torch.float64)
 
 
 @pytest.mark.parametrize("rate", [1, 2])
@@ -328,7 +345,9 @@ def _grads(fn, *inputs):
     outs = fn(*inputs)
     loss = sum((o * torch.linspace(0.5, 1.5, o.numel(), dtype=o.dtype, device=o.device).view_as(o)).sum()
                for o in outs)
-    return torch.autograd.grad(loss, inputs)
+    # an input no output depends on (every label empty: fg is the constant 1) gets zeros
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True) if loss.requires_grad else [None] * len(inputs)
+    return [torch.zeros_like(t) if gr is None else gr for t, gr in zip(inputs, grads)]
 
 
 def test_backward_global_and_local_float64(gen, backend):
@@ -637,3 +656,331 @@ def test_gradcheck_float64(gen, backend):
     pk = randn(gen, 2, 4, 6, dtype=torch.float64).requires_grad_()
     pv = randn(gen, 2, 4, 5, dtype=torch.float64).requires_grad_()
     assert torch.autograd.gradcheck(lambda a, b, c: vk.prototype_attention(a, b, c, 0.7, "l2"), (pq, pk, pv))
+
+
+# ----------------------------------------------------------------------------------------
+# random shapes: every CUDA C++ op against the float64 reference on shapes, dtypes, matmul
+# precisions, label patterns and NaN placements drawn by hypothesis, seeded by the run's
+# VOS_TEST_SEED (a failing run replays with it; hypothesis prints the drawn values). The
+# ranges straddle the boundaries the kernels are written around: 128-row query blocks,
+# 64-pixel reference / memory tiles, Cpad = roundup(C, 8) and the shared-memory limit of
+# the tensor-core path (C > 222 runs the SIMT kernel), 32-channel slabs, the 16 / 32 / 64
+# mean blocks of EM, split memory axes and k above the register top-k's 64, windows larger
+# than the frame. Sizes are capped by a work budget (multiply-adds per call) so that the
+# emulator runs an example in about a second; VOS_CUDA_FUZZ_EXAMPLES sets the examples per
+# test (default 8).
+# ----------------------------------------------------------------------------------------
+FUZZ_EXAMPLES = int(os.environ.get("VOS_CUDA_FUZZ_EXAMPLES", 8))
+FUZZ_WORK = 3e7 if DEV.type == "cuda" else 4e6
+HALF = (torch.float16, torch.bfloat16)
+CHANNELS = st.one_of(st.integers(1, 40), st.sampled_from([31, 32, 33, 63, 64, 65, 100, 127, 128, 129, 222, 224, 260]))
+
+
+def fuzz(test):
+    """A hypothesis test over ``data``, seeded from VOS_TEST_SEED, FUZZ_EXAMPLES examples."""
+    test = given(data=st.data())(test)
+    test = settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, print_blob=False,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                           HealthCheck.data_too_large])(test)
+    return hypothesis.seed(conftest.SESSION_SEED)(test)
+
+
+def draw_dtype(data, backend, triton_f64=False):
+    """float32 / float64, and the half types where the CUDA C++ kernels run (through the
+    registered op: the public API on CPU tensors takes float32 / float64 only)."""
+    if cuda_cpp(backend):
+        choices = [torch.float32, torch.float32, torch.float64, torch.float16, torch.bfloat16]
+    elif backend == "triton":
+        choices = [torch.float32, torch.float64] if triton_f64 else [torch.float32]
+    else:
+        choices = [torch.float32, torch.float64]
+    return data.draw(st.sampled_from(choices), label="dtype")
+
+
+@contextlib.contextmanager
+def float32_matmul_precision(data, dtype):
+    """Draws "highest" (3xTF32 on the tensor cores) or "high" (one TF32 product) for
+    float32 inputs and sets it for the block."""
+    old = torch.get_float32_matmul_precision()
+    prec = data.draw(st.sampled_from(["highest", "high"]), label="precision") if dtype == torch.float32 else old
+    torch.set_float32_matmul_precision(prec)
+    try:
+        yield prec
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+def draw_gen(data):
+    return torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="tensor seed"))
+
+
+def fit_budget(dims, cost, budget=None):
+    """Halves the largest of ``dims`` (a dict of sizes) until ``cost(dims)`` fits the work
+    budget; deterministic in the draws, so hypothesis still shrinks and replays."""
+    budget = FUZZ_WORK if budget is None else budget
+    while cost(dims) > budget and max(dims.values()) > 1:
+        name = max(dims, key=dims.get)
+        dims[name] = (dims[name] + 1) // 2
+    return dims
+
+
+def draw_labels(data, g, L, shape):
+    """Labels in [-1, L): mixed with ignored pixels, dense, a single label present (the
+    others empty), mostly ignored, or all ignored."""
+    mode = data.draw(st.sampled_from(["mixed", "mixed", "dense", "single", "sparse", "none"]), label="labels")
+    if mode == "none":
+        return torch.full(shape, -1, dtype=torch.int64).to(DEV)
+    if mode == "single":
+        return torch.full(shape, int(torch.randint(0, L, (1,), generator=g)), dtype=torch.int64).to(DEV)
+    lab = torch.randint(0 if mode == "dense" else -1, L, shape, generator=g)
+    if mode == "sparse":
+        lab = torch.where(torch.rand(shape, generator=g) < 0.9, torch.full_like(lab, -1), lab)
+    dt = data.draw(st.sampled_from([torch.int64, torch.int32]), label="label dtype")
+    return lab.to(dt).to(DEV)
+
+
+def plant_nan(data, g, *tensors):
+    """Puts a NaN at a random element of one of ``tensors`` (or of none)."""
+    which = data.draw(st.sampled_from([None, None, None] + list(range(len(tensors)))), label="NaN in input")
+    if which is not None:
+        t = tensors[which]
+        t.view(-1)[int(torch.randint(0, t.numel(), (1,), generator=g))] = float("nan")
+    return which is not None
+
+
+def half_tol(dtype, tol32):
+    return {torch.float64: 1e-9, torch.float16: 1e-4, torch.bfloat16: 1e-4}.get(dtype, tol32)
+
+
+@fuzz
+def test_random_global(backend, data):
+    g = draw_gen(data)
+    dtype = draw_dtype(data, backend)
+    C = data.draw(CHANNELS, label="C")
+    d = {k: data.draw(st.integers(1, hi), label=k) for k, hi in (("B", 2), ("H", 24), ("W", 24), ("T", 2),
+                                                                  ("Hr", 24), ("Wr", 24))}
+    L, rate = data.draw(st.integers(1, 9), label="L"), data.draw(st.integers(1, 4), label="rate")
+    d = fit_budget(d, lambda d: d["B"] * d["H"] * d["W"] * d["T"] * d["Hr"] * d["Wr"] * C)
+    B, H, W, T, Hr, Wr = d.values()
+    q = randn(g, B, H, W, C, dtype=dtype)
+    r = randn(g, B, T, Hr, Wr, C, dtype=dtype)
+    lab = draw_labels(data, g, L, (B, T, Hr, Wr))
+    nan = plant_nan(data, g, q, r)
+    fb = data.draw(st.booleans(), label="fb (bias)")
+    half = dtype in HALF
+    ops = torch.ops.vos_kernels
+    with float32_matmul_precision(data, dtype):
+        tol = rel_tol(dtype)
+        if not fb:
+            sq, ix = (ops.labelled_nearest_sqdist if half else vk.labelled_nearest_sqdist)(q, r, lab, L, rate)
+            check_nearest(q, r, lab, L, rate, sq, ix, tol, exact_index=dtype == torch.float64)
+            return
+        out_dt = torch.float64 if dtype == torch.float64 else torch.float32
+        bias = (torch.rand(L, generator=g, dtype=torch.float64) - 0.5).to(out_dt).to(DEV)
+        fg, bg = ops.fb_global_matching(q, r, lab, L, bias, rate)[:2] if half else \
+            vk.fb_global_matching(q, r, lab, L, bias, rate)
+        wfg, wbg = R.fb_global_matching(*cpu64(q, r), lab.cpu(), L, bias.cpu().double(), rate)
+        scale = norm_scale(q, r)
+        assert_close_rel(fg, wfg, 1.0, tol * scale, "fg")       # tanh' <= 1/2
+        assert_close_rel(bg, wbg, 1.0, tol * scale, "bg")
+    if dtype == torch.float64 and not nan and data.draw(st.booleans(), label="backward"):
+        got = _grads(lambda a, b, c: vk.fb_global_matching(a, b, lab, L, c, rate), q, r, bias)
+        want = _grads(lambda a, b, c: R.fb_global_matching(a, b, lab.cpu(), L, c, rate), *cpu64(q, r, bias))
+        for gt, w, name in zip(got, want, ("query", "reference", "bias")):
+            assert_close_rel(gt, w, 1.0, 1e-8, f"global grad {name}")
+
+
+@fuzz
+def test_random_local(backend, data):
+    g = draw_gen(data)
+    dtype = draw_dtype(data, backend)
+    C = data.draw(CHANNELS, label="C")
+    windows = sorted(set(data.draw(st.lists(st.integers(1, 14), min_size=1, max_size=6), label="windows")))
+    rate = data.draw(st.integers(1, 3), label="rate")
+    L = data.draw(st.integers(1, 6), label="L")
+    d = {k: data.draw(st.integers(1, hi), label=k) for k, hi in (("B", 2), ("H", 26), ("W", 26))}
+    offsets = (2 * (max(windows) // rate) + 1) ** 2
+    d = fit_budget(d, lambda d: d["B"] * d["H"] * d["W"] * min(offsets, d["H"] * d["W"]) * C)
+    B, H, W = d.values()
+    q = randn(g, B, H, W, C, dtype=dtype)
+    p = randn(g, B, H, W, C, dtype=dtype)
+    lab = draw_labels(data, g, L, (B, H, W))
+    nan = plant_nan(data, g, q, p)
+    out_dt = torch.float64 if dtype == torch.float64 else torch.float32
+    bias = (torch.rand(L, generator=g, dtype=torch.float64) - 0.5).to(out_dt).to(DEV)
+    fn = (lambda *a: torch.ops.vos_kernels.fb_multi_local_matching(*a)[:2]) if dtype in HALF else \
+        vk.fb_multi_local_matching
+    fg, bg = fn(q, p, lab, L, windows, bias, rate)
+    wfg, wbg = R.fb_multi_local_matching(*cpu64(q, p), lab.cpu(), L, windows, bias.cpu().double(), rate)
+    tol = half_tol(dtype, 1e-5) * (1.0 if dtype == torch.float64 else norm_scale(q, p))   # FFMA: fp32-accurate
+    assert_close_rel(fg, wfg, 1.0, tol, "fg")
+    assert_close_rel(bg, wbg, 1.0, tol, "bg")
+    if dtype == torch.float64 and not nan and data.draw(st.booleans(), label="backward"):
+        got = _grads(lambda a, b, c: vk.fb_multi_local_matching(a, b, lab, L, windows, c, rate), q, p, bias)
+        want = _grads(lambda a, b, c: R.fb_multi_local_matching(a, b, lab.cpu(), L, windows, c, rate),
+                      *cpu64(q, p, bias))
+        for gt, w, name in zip(got, want, ("query", "previous", "bias")):
+            assert_close_rel(gt, w, 1.0, 1e-8, f"local grad {name}")
+
+
+@fuzz
+def test_random_instance_pooling(backend, data):
+    g = draw_gen(data)
+    dtype = draw_dtype(data, backend)
+    C = data.draw(CHANNELS, label="C")
+    B, H, W = (data.draw(st.integers(1, hi), label=k) for k, hi in (("B", 3), ("H", 30), ("W", 30)))
+    L = data.draw(st.integers(1, 8), label="L")
+    e = randn(g, B, H, W, C, dtype=dtype)
+    lab = draw_labels(data, g, L, (B, H, W))
+    out = (torch.ops.vos_kernels.fb_instance_pooling if dtype in HALF else vk.fb_instance_pooling)(e, lab, L)
+    want = R.fb_instance_pooling(*cpu64(e), lab.cpu(), L)
+    # per element: the rounding of its sum over its count + 1e-5 (1e-5 for an empty side);
+    # the reference takes the background sum as all minus foreground, so its rounding is
+    # that of the sum over every labelled pixel
+    (e64,), lab64 = cpu64(e), lab.cpu().long()
+    onehot = torch.nn.functional.one_hot(lab64.clamp(min=0), L).double() * (lab64 >= 0).unsqueeze(-1)
+    n_fg = onehot.sum((1, 2))                                                              # [B, L]
+    n_bg = (lab64 >= 0).sum((1, 2)).unsqueeze(1) - n_fg
+    abs_fg = torch.einsum("bhwl,bhwc->blc", onehot, e64.abs())                             # [B, L, C]
+    abs_all = abs_fg.sum(1, keepdim=True).expand_as(abs_fg)
+    scale = torch.stack([abs_fg / (n_fg.unsqueeze(-1) + 1e-5), abs_all / (n_bg.unsqueeze(-1) + 1e-5)], dim=2)
+    scale = torch.maximum(scale, torch.ones(1))
+    assert_close_rel(out, want, scale, half_tol(dtype, 1e-5), "pooled means")
+
+
+@fuzz
+def test_random_topk_read(backend, data):
+    g = draw_gen(data)
+    dtype = draw_dtype(data, backend)
+    CK = data.draw(CHANNELS, label="CK")
+    CV = data.draw(st.integers(1, 200), label="CV")
+    k = data.draw(st.one_of(st.integers(1, 40), st.sampled_from([31, 32, 33, 63, 64, 65]), st.integers(66, 140)),
+                  label="k")
+    d = {"B": data.draw(st.integers(1, 2), label="B"), "Nq": data.draw(st.integers(1, 300), label="Nq"),
+         "Nm": data.draw(st.integers(1, 1100), label="Nm")}
+    d = fit_budget(d, lambda d: d["B"] * d["Nq"] * d["Nm"] * (CK + min(k, d["Nm"])))
+    B, Nq, Nm = d.values()
+    mode = data.draw(st.sampled_from([None, "hits", "weights"]), label="usage_mode")
+    qk, mk, mv = randn(g, B, Nq, CK, dtype=dtype), randn(g, B, Nm, CK, dtype=dtype), randn(g, B, Nm, CV, dtype=dtype)
+    nan = plant_nan(data, g, mk)
+    usage = torch.rand(B, Nm, generator=g).to(DEV) if mode else None
+    u0 = usage.clone() if mode else None
+    scale = CK ** -0.5
+    with float32_matmul_precision(data, dtype) as prec:
+        if dtype in HALF:
+            out, index, weight = torch.ops.vos_kernels.topk_memory_read(qk, mk, mv, k, scale, usage,
+                                                                       {None: 0, "hits": 1, "weights": 2}[mode])
+        else:
+            out, (index, weight) = vk.topk_memory_read(qk, mk, mv, k, usage=usage, usage_mode=mode or "hits",
+                                                       return_topk=True)
+    kk = min(k, Nm)
+    assert index.shape == (B, Nq, kk) and weight.shape == (B, Nq, kk)
+    q64, m64, v64 = cpu64(qk, mk, mv)
+    idx, w = index.cpu(), weight.cpu().double()
+    assert ((idx >= 0) & (idx < Nm)).all(), "index out of [0, Nm)"
+    assert (idx.sort(-1).values.diff(dim=-1) > 0).all(), "an entry selected twice by one query"
+    s = (2 * torch.einsum("bqc,bmc->bqm", q64, m64) - (m64 * m64).sum(-1).unsqueeze(1)) * scale
+    s = torch.nan_to_num(s, nan=float("inf"))                     # NaN ranks above every number
+    # the selection: no entry left out ranks above one taken, beyond the affinities' error
+    bound = (2 * q64.norm(dim=-1).amax() * m64.norm(dim=-1).nan_to_num().amax()
+             + (m64 * m64).sum(-1).nan_to_num().amax()) * scale
+    eps = float(bound) * (1e-12 if dtype == torch.float64 else 5e-3 if prec == "high" else 1e-5)
+    taken = torch.zeros_like(s, dtype=torch.bool).scatter_(-1, idx, True)
+    low = torch.where(taken, s, torch.full_like(s, float("inf"))).amin(-1)
+    high = torch.where(taken, torch.full_like(s, -float("inf")), s).amax(-1)
+    assert (low >= high - eps).all(), "an entry left out ranks above one selected"
+    want, (windex, _) = R.topk_memory_read(q64, m64, v64, k, usage=None, return_topk=True)
+    if nan:
+        assert torch.equal(torch.isnan(out.cpu()), torch.isnan(want)), "NaN pattern of the readout"
+        return
+    # the weights are the softmax of the selected entries' affinities, the readout their sum
+    # (softmax moves by at most 2 max|Δs| in l1: the weights' and the readout's tolerances)
+    s_sel = torch.gather(s, -1, idx)
+    assert_close_rel(w, torch.softmax(s_sel, -1), 1.0, 2 * eps + 1e-6, "weights")
+    v_sel = torch.gather(v64.unsqueeze(1).expand(B, Nq, Nm, CV), 2, idx.unsqueeze(-1).expand(B, Nq, kk, CV))
+    vmax = float(v64.abs().max())
+    assert_close_rel(out, (w.unsqueeze(-1) * v_sel).sum(2), vmax, 1e-5, "readout (from the returned top-k)")
+    # where the k-th and (k+1)-th affinities are apart, the set is the oracle's
+    top = s.topk(min(kk + 1, Nm), dim=-1).values
+    clear = (top[..., kk - 1] - top[..., kk]).abs() > 2 * eps if Nm > kk else torch.ones(B, Nq, dtype=torch.bool)
+    assert torch.equal(idx[clear].sort(-1).values, windex[clear].sort(-1).values), "top-k sets"
+    assert_close_rel(out.cpu()[clear], want[clear], vmax, 2 * eps + 1e-5, "readout")
+    if mode:
+        added = oracle.usage_of(idx, w, Nm, hits=mode == "hits")
+        assert_close_rel(usage, u0.cpu().double() + added, 1.0 + float(added.max()), 1e-5, "usage")
+
+
+@fuzz
+def test_random_gmm_em(backend, data):
+    g = draw_gen(data)
+    dtype = draw_dtype(data, backend, triton_f64=True)
+    C = data.draw(CHANNELS, label="C")
+    K = data.draw(st.one_of(st.integers(1, 12), st.sampled_from([15, 16, 17, 31, 32, 33, 63, 64, 65, 100])), label="K")
+    iters = data.draw(st.integers(1, 4), label="iters")
+    d = {"B": data.draw(st.integers(1, 3), label="B"), "N": data.draw(st.integers(1, 700), label="N")}
+    d = fit_budget(d, lambda d: 2 * d["B"] * d["N"] * C * K * iters)
+    B, N = d.values()
+    kernel = data.draw(st.sampled_from(["dot", "l2"]), label="kernel")
+    kappa = data.draw(st.floats(1.0, 25.0), label="kappa")
+    x = randn(g, B, N, C, dtype=dtype, scale=C ** -0.5)
+    mu = torch.nn.functional.normalize(randn(g, B, K, C, dtype=torch.float64), dim=-1).to(dtype)
+    mask_mode = data.draw(st.sampled_from([None, "float", "bool", "empty row"]), label="mask")
+    mask = None
+    if mask_mode:
+        mask = torch.rand(B, N, generator=g) > 0.3
+        if mask_mode == "empty row":
+            mask[-1] = False
+        mask = (mask if mask_mode == "bool" else mask.to(dtype if dtype not in HALF else torch.float32)).to(DEV)
+    with float32_matmul_precision(data, dtype) as prec:
+        if dtype in HALF:
+            means, resp = torch.ops.vos_kernels.gmm_em(x, mu, iters, kappa, mask, {"dot": 0, "l2": 1}[kernel], True)
+        else:
+            means, resp = vk.gmm_em(x, mu, iters, kappa, mask, kernel)
+    if mask_mode == "empty row":
+        assert torch.equal(means[-1].cpu().double(), torch.zeros(K, C, dtype=torch.float64)), "empty mask: zero means"
+    m64 = None if mask is None else mask.cpu().double()
+    if dtype == torch.float64:
+        wm, wr = R.gmm_em(*cpu64(x, mu), iters, kappa, m64, kernel)
+        assert_close_rel(means, wm, 1.0, 1e-9, "gmm_em means")
+        assert_close_rel(resp, wr, 1.0, 1e-9, "gmm_em resp")
+        return
+    # float32 products: FFMA (2^-24), 3xTF32 ("highest", ~22 bits) or, under "high", one
+    # TF32 product (10-bit mantissas: 2^-11), whose rounding EM amplifies by up to kappa per
+    # iteration, so that comparison is looser (cap 0.05) and still catches a wrong tile
+    tensor_cores = cuda_cpp(backend) and K >= 8 and C >= 32 and N >= 64
+    tf32 = tensor_cores and prec == "high"
+    unit = 2.0 ** -11 if tf32 else 2.0 ** -22 if tensor_cores or dtype in HALF else 2.0 ** -24
+    oracle.assert_within_rounding((means, resp), lambda a, b: R.gmm_em(a, b, iters, kappa, m64, kernel),
+                                  tuple(t.float() for t in (x, mu)), C, what=f"gmm_em {kernel} ({prec})",
+                                  unit=unit, cap=0.05 if tf32 else 1e-3)
+
+
+@fuzz
+def test_random_prototype_ops(backend, data):
+    g = draw_gen(data)
+    dtype = draw_dtype(data, backend, triton_f64=True)
+    C = data.draw(CHANNELS, label="C")
+    CV = data.draw(st.integers(1, 200), label="CV")
+    K = data.draw(st.integers(1, 70), label="K")
+    d = {"B": data.draw(st.integers(1, 3), label="B"), "N": data.draw(st.integers(1, 3500), label="N")}
+    d = fit_budget(d, lambda d: d["B"] * d["N"] * K * (C + CV))
+    B, N = d.values()
+    kernel = data.draw(st.sampled_from(["dot", "l2"]), label="kernel")
+    kappa = data.draw(st.floats(0.5, 20.0), label="kappa")
+    q = randn(g, B, N, C, dtype=dtype, scale=C ** -0.5)
+    keys = torch.nn.functional.normalize(randn(g, B, K, C, dtype=torch.float64), dim=-1).to(dtype)
+    vals = randn(g, B, K, CV, dtype=dtype)
+    tol = half_tol(dtype, 1e-5)
+    if dtype in HALF:
+        out = torch.ops.vos_kernels.prototype_attention(q, keys, vals, kappa, {"dot": 0, "l2": 1}[kernel])[0]
+    else:
+        out = vk.prototype_attention(q, keys, vals, kappa, kernel)
+    assert_close_rel(out, R.prototype_attention(*cpu64(q, keys, vals), kappa, kernel), 1.0, tol,
+                     f"prototype_attention {kernel}")
+    v = randn(g, B, N, CV, dtype=dtype)
+    resp = torch.softmax(randn(g, B, N, K, dtype=torch.float64), -1)
+    if K > 1:
+        resp[..., int(torch.randint(0, K, (1,), generator=g))] = 0     # a prototype no point belongs to
+    resp = resp.to(dtype).to(DEV)
+    out = (torch.ops.vos_kernels.prototype_values if dtype in HALF else vk.prototype_values)(v, resp)
+    assert_close_rel(out, R.prototype_values(*cpu64(v, resp)), 1.0, tol, "prototype_values")
