@@ -67,8 +67,9 @@
 #     --tests cuda --cases @aims --bench-args "--min-run-time 0.5" \
 #     --limit tests=170,bench=200,segment=60,sanitizer=45
 # Predicted, not yet measured: build 1-1.5 min on 16 cores (6.4 min on 2 cores here), the
-# CUDA tests 2-3 min (Triton compiles most of it), the 13 @aims cases 2-3 min, segment under
-# 1 min, the sanitizer what is left. If the reply leaves >= 150 s of device time and the
+# CUDA tests 2-3 min (Triton compiles most of it; the random-shape tests, last in the file,
+# add a Triton specialisation or two per example: VOS_CUDA_FUZZ_EXAMPLES=0 in the environment
+# drops them), the 13 @aims cases 2-3 min, segment under 1 min, the sanitizer what is left. If the reply leaves >= 150 s of device time and the
 # machine warm, a second call at once (it goes back after 30 s idle; /tmp/gc and the build
 # stay on a warm machine) goes on with what was skipped: the same command with --resume,
 # --budget <left - 60>, --steps build,sanitizer,bench and no --cases (every case; those

@@ -678,6 +678,8 @@ CHANNELS = st.one_of(st.integers(1, 40), st.sampled_from([31, 32, 33, 63, 64, 65
 
 def fuzz(test):
     """A hypothesis test over ``data``, seeded from VOS_TEST_SEED, FUZZ_EXAMPLES examples."""
+    if FUZZ_EXAMPLES < 1:
+        return pytest.mark.skip(reason="VOS_CUDA_FUZZ_EXAMPLES=0")(test)
     test = given(data=st.data())(test)
     test = settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, print_blob=False,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
