@@ -10,13 +10,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import random  # noqa: E402
 import zlib  # noqa: E402
 
 import pytest  # noqa: E402
 
 # Fresh random inputs on every run; VOS_TEST_SEED=<n> replays a run (printed in the header).
-SESSION_SEED = int(os.environ.get("VOS_TEST_SEED", random.randrange(2**31)))
+from session_seed import SESSION_SEED  # noqa: E402
 
 
 def pytest_report_header(config):

@@ -42,8 +42,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import conftest
 import oracle
+from session_seed import SESSION_SEED
 import vos_kernels as vk
 from vos_kernels import reference as R
 
@@ -57,7 +57,7 @@ elif EMULATED:
     import emu_build as cuda_emu  # noqa: E402
 
     # a fresh thread order per run, replayed with the run's VOS_TEST_SEED
-    os.environ.setdefault("VOS_EMU_ORDER", f"shuffle:{conftest.SESSION_SEED}")
+    os.environ.setdefault("VOS_EMU_ORDER", f"shuffle:{SESSION_SEED}")
     cuda_emu.load()
     DEV = torch.device("cpu")
     BACKENDS = ["cuda-emulated"]
@@ -684,7 +684,7 @@ def fuzz(test):
     test = settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, print_blob=False,
                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                            HealthCheck.data_too_large])(test)
-    return hypothesis.seed(conftest.SESSION_SEED)(test)
+    return hypothesis.seed(SESSION_SEED)(test)
 
 
 def draw_dtype(data, backend, triton_f64=False):
