@@ -350,6 +350,15 @@ def _grads(fn, *inputs):
     return [torch.zeros_like(t) if gr is None else gr for t, gr in zip(inputs, grads)]
 
 
+def assert_grads_match(kernel_fn, reference_fn, inputs, names, what, tol=1e-8):
+    """The gradients of a weighted sum of the outputs with respect to ``inputs``: the
+    kernel's (``kernel_fn`` on ``inputs``) against the float64 reference's (on CPU copies)."""
+    got = _grads(kernel_fn, *inputs)
+    want = _grads(reference_fn, *cpu64(*inputs))
+    for gt, w, name in zip(got, want, names):
+        assert_close_rel(gt, w, 1.0, tol, f"{what} grad {name}")
+
+
 def test_backward_global_and_local_float64(gen, backend):
     # float64: the argmin pairs equal the oracle's, so the gradients must too
     no_f64_triton(backend, torch.float64)
@@ -358,16 +367,14 @@ def test_backward_global_and_local_float64(gen, backend):
     r = randn(gen, 2, 1, 8, 11, 16, dtype=torch.float64)
     lab = labels(gen, L, 2, 1, 8, 11)
     bias = torch.tensor([-0.3, 0.2, 0.2], dtype=torch.float64, device=DEV)
-    got = _grads(lambda a, b, c: vk.fb_global_matching(a, b, lab, L, c, 2), q, r, bias)
-    want = _grads(lambda a, b, c: R.fb_global_matching(a, b, lab.cpu(), L, c, 2), *cpu64(q, r, bias))
-    for g, w, name in zip(got, want, ("query", "reference", "bias")):
-        assert_close_rel(g, w, 1.0, 1e-8, f"global grad {name}")
+    assert_grads_match(lambda a, b, c: vk.fb_global_matching(a, b, lab, L, c, 2),
+                       lambda a, b, c: R.fb_global_matching(a, b, lab.cpu(), L, c, 2),
+                       (q, r, bias), ("query", "reference", "bias"), "global")
     p = randn(gen, 2, 9, 10, 16, dtype=torch.float64)
     plab = labels(gen, L, 2, 9, 10)
-    got = _grads(lambda a, b, c: vk.fb_multi_local_matching(a, b, plab, L, [1, 3], c, 1), q, p, bias)
-    want = _grads(lambda a, b, c: R.fb_multi_local_matching(a, b, plab.cpu(), L, [1, 3], c, 1), *cpu64(q, p, bias))
-    for g, w, name in zip(got, want, ("query", "previous", "bias")):
-        assert_close_rel(g, w, 1.0, 1e-8, f"local grad {name}")
+    assert_grads_match(lambda a, b, c: vk.fb_multi_local_matching(a, b, plab, L, [1, 3], c, 1),
+                       lambda a, b, c: R.fb_multi_local_matching(a, b, plab.cpu(), L, [1, 3], c, 1),
+                       (q, p, bias), ("query", "previous", "bias"), "local")
 
 
 def test_instance_pooling(gen, backend):
@@ -786,10 +793,9 @@ def test_random_global(backend, data):
         assert_close_rel(fg, wfg, 1.0, tol * scale, "fg")       # tanh' <= 1/2
         assert_close_rel(bg, wbg, 1.0, tol * scale, "bg")
     if dtype == torch.float64 and not nan and data.draw(st.booleans(), label="backward"):
-        got = _grads(lambda a, b, c: vk.fb_global_matching(a, b, lab, L, c, rate), q, r, bias)
-        want = _grads(lambda a, b, c: R.fb_global_matching(a, b, lab.cpu(), L, c, rate), *cpu64(q, r, bias))
-        for gt, w, name in zip(got, want, ("query", "reference", "bias")):
-            assert_close_rel(gt, w, 1.0, 1e-8, f"global grad {name}")
+        assert_grads_match(lambda a, b, c: vk.fb_global_matching(a, b, lab, L, c, rate),
+                           lambda a, b, c: R.fb_global_matching(a, b, lab.cpu(), L, c, rate),
+                           (q, r, bias), ("query", "reference", "bias"), "global")
 
 
 @fuzz
@@ -818,11 +824,9 @@ def test_random_local(backend, data):
     assert_close_rel(fg, wfg, 1.0, tol, "fg")
     assert_close_rel(bg, wbg, 1.0, tol, "bg")
     if dtype == torch.float64 and not nan and data.draw(st.booleans(), label="backward"):
-        got = _grads(lambda a, b, c: vk.fb_multi_local_matching(a, b, lab, L, windows, c, rate), q, p, bias)
-        want = _grads(lambda a, b, c: R.fb_multi_local_matching(a, b, lab.cpu(), L, windows, c, rate),
-                      *cpu64(q, p, bias))
-        for gt, w, name in zip(got, want, ("query", "previous", "bias")):
-            assert_close_rel(gt, w, 1.0, 1e-8, f"local grad {name}")
+        assert_grads_match(lambda a, b, c: vk.fb_multi_local_matching(a, b, lab, L, windows, c, rate),
+                           lambda a, b, c: R.fb_multi_local_matching(a, b, lab.cpu(), L, windows, c, rate),
+                           (q, p, bias), ("query", "previous", "bias"), "local")
 
 
 @fuzz
