@@ -68,12 +68,13 @@
 #     --limit tests=170,bench=200,segment=60,sanitizer=45
 # Predicted, not yet measured: build 1-1.5 min on 16 cores (6.4 min on 2 cores here), the
 # CUDA tests 2-3 min (Triton compiles most of it; the random-shape tests, last in the file,
-# add a Triton specialisation or two per example: VOS_CUDA_FUZZ_EXAMPLES=0 in the environment
-# drops them), the 13 @aims cases 2-3 min, segment under 1 min, the sanitizer what is left. If the reply leaves >= 150 s of device time and the
-# machine warm, a second call at once (it goes back after 30 s idle; /tmp/gc and the build
-# stay on a warm machine) goes on with what was skipped: the same command with --resume,
-# --budget <left - 60>, --steps build,sanitizer,bench and no --cases (every case; those
-# finished are kept), the same --bench-args (the benchmark resumes only under equal settings).
+# add a Triton specialisation or two per example: VOS_CUDA_FUZZ_EXAMPLES=0 in the
+# environment drops them), the 13 @aims cases 2-3 min, segment under 1 min, the sanitizer
+# what is left. If the reply leaves >= 150 s of device time and the machine warm, a second
+# call at once (it goes back after 30 s idle; /tmp/gc and the build stay on a warm machine)
+# goes on with what was skipped: the same command with --resume, --budget <left - 60>,
+# --steps build,sanitizer,bench and no --cases (every case; those finished are kept), the
+# same --bench-args (the benchmark resumes only under equal settings).
 # A later lease goes on from the tarball: mkdir -p .gpu_prev && cp <files_at>/gpu_check.tgz
 # .gpu_prev/, carry [".whl", ".gpu_prev"], --restore .gpu_prev/gpu_check.tgz (implies
 # --resume: the benchmark runs only the cases it lacks). .gpu_prev/ and .whl/ are in
