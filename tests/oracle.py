@@ -268,8 +268,7 @@ class _KinkMargin(TorchDispatchMode):
         elif name == "fb_multi_local_matching":    # query, previous, labels, L, windows, bias, rate
             self._note(func, fb_min_gap(*local_candidates(*c64[:5], *c64[6:7]), c64[5]))
         elif name == "topk_memory_read":           # query_key, memory_key, memory_value, k, scale, ...
-            q, m, k, scale = c64[0], c64[1], c64[3], c64[4]
-            aff = (2 * torch.einsum("bnc,bqc->bqn", m, q) - (m * m).sum(-1).unsqueeze(1)) * scale
+            aff, k = affinity(c64[0], c64[1], c64[4]), c64[3]
             top = torch.nan_to_num(aff, nan=INF).sort(dim=-1, descending=True).values[..., :k + 1]
             self._note(func, _least_positive(top[..., :-1] - top[..., 1:]))   # selection and order
         elif name not in _SMOOTH_CUSTOM:
@@ -355,6 +354,13 @@ def sqdist_backward(grad, query, reference, index):
     return q.grad, r.grad
 
 
+def affinity(query_key, memory_key, scale):
+    """STCN's memory-read affinity in float64, ``[B, Nq, Nm]``:
+    ``s[b, q, n] = (2·m_n·q − ‖m_n‖²)·scale`` (differentiable; CPU copies of the inputs)."""
+    q, m = query_key.cpu().double(), memory_key.cpu().double()
+    return (2 * torch.einsum("bnc,bqc->bqn", m, q) - (m * m).sum(-1).unsqueeze(1)) * scale
+
+
 def topk_read(query_key, memory_key, memory_value, k, scale):
     """Top-k memory read in float64 by brute force: full affinity, a stable descending sort
     (ties: lowest index; NaN first, as torch.topk), max-subtracted softmax, gather.
@@ -363,7 +369,7 @@ def topk_read(query_key, memory_key, memory_value, k, scale):
     B, Nq, _ = q.shape
     Nm = m.shape[1]
     K = min(k, Nm)
-    s = (2 * torch.einsum("bnc,bqc->bqn", m, q) - (m * m).sum(-1).unsqueeze(1)) * scale   # [B,Nq,Nm]
+    s = affinity(q, m, scale)                                                        # [B,Nq,Nm]
     key = torch.where(torch.isnan(s), torch.full_like(s, float("inf")), s)
     order = torch.sort(key.detach(), dim=-1, descending=True, stable=True).indices[..., :K]
     top = torch.gather(s, -1, order)
@@ -382,8 +388,7 @@ def topk_unambiguous(query_key, memory_key, k, scale, eps=1e-4):
     every gap between consecutive values among the ``min(k + 1, Nm)`` largest float64
     affinities exceeds ``eps`` (float32 affinities here are off by ~1e-6 relative). Exact
     ties are tested separately with integer inputs."""
-    q, m = query_key.detach().double(), memory_key.detach().double()
-    s = (2 * torch.einsum("bnc,bqc->bqn", m, q) - (m * m).sum(-1).unsqueeze(1)) * scale
+    s = affinity(query_key.detach(), memory_key.detach(), scale)
     n = min(k + 1, s.shape[-1])
     top = torch.sort(torch.nan_to_num(s, nan=float("inf")), dim=-1, descending=True).values[..., :n]
     if n < 2:

@@ -46,6 +46,8 @@ import oracle
 from session_seed import SESSION_SEED
 import vos_kernels as vk
 from vos_kernels import reference as R
+from vos_kernels.gmm import KERNELS as GMM_KERNELS
+from vos_kernels.memory import USAGE_MODES
 
 EMULATED = os.environ.get("VOS_CUDA_TESTS_EMULATED") == "1" and not torch.cuda.is_available()
 ON_CPU = (os.environ.get("VOS_CUDA_TESTS_ON_CPU") == "1" or EMULATED) and not torch.cuda.is_available()
@@ -403,7 +405,7 @@ def test_topk_read(gen, backend, shape, usage_mode):
     want, (windex, wweight) = R.topk_memory_read(*cpu64(qk, mk, mv), k, usage=u_ref, usage_mode=usage_mode,
                                                  return_topk=True)
     # queries whose k-th and (k+1)-th affinities are within 1e-4 may pick either entry
-    aff = (2 * torch.einsum("bqc,bmc->bqm", *cpu64(qk, mk)) - (cpu64(mk)[0] ** 2).sum(-1).unsqueeze(1)) / CK ** 0.5
+    aff = oracle.affinity(qk, mk, CK ** -0.5)
     kk = min(k, Nm)
     top = aff.topk(min(kk + 1, Nm), dim=-1).values
     clear = (top[..., kk - 1] - top[..., kk]).abs() > 1e-4 if Nm > kk else torch.ones(B, Nq, dtype=torch.bool)
@@ -506,8 +508,7 @@ def test_cuda_cpp_ops_every_dtype(gen, backend, dtype):
     u_ref = torch.zeros(B, Nm)
     want, (windex, _) = R.topk_memory_read(*cpu64(qk, mk, mv), k, usage=u_ref, usage_mode="weights",
                                            return_topk=True)
-    q64, m64 = cpu64(qk, mk)
-    aff = (2 * torch.einsum("bqc,bmc->bqm", q64, m64) - (m64 ** 2).sum(-1).unsqueeze(1)) * CK ** -0.5
+    aff = oracle.affinity(qk, mk, CK ** -0.5)
     top = aff.topk(k + 1, dim=-1).values
     clear = (top[..., k - 1] - top[..., k]).abs() > 1e-4        # the k-th entry is not a near tie
     assert clear.float().mean() > 0.5
@@ -723,11 +724,10 @@ def draw_gen(data):
     return torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="tensor seed"))
 
 
-def fit_budget(dims, cost, budget=None):
+def fit_budget(dims, cost):
     """Halves the largest of ``dims`` (a dict of sizes) until ``cost(dims)`` fits the work
-    budget; deterministic in the draws, so hypothesis still shrinks and replays."""
-    budget = FUZZ_WORK if budget is None else budget
-    while cost(dims) > budget and max(dims.values()) > 1:
+    budget FUZZ_WORK; deterministic in the draws, so hypothesis still shrinks and replays."""
+    while cost(dims) > FUZZ_WORK and max(dims.values()) > 1:
         name = max(dims, key=dims.get)
         dims[name] = (dims[name] + 1) // 2
     return dims
@@ -875,7 +875,7 @@ def test_random_topk_read(backend, data):
     with float32_matmul_precision(data, dtype) as prec:
         if dtype in HALF:
             out, index, weight = torch.ops.vos_kernels.topk_memory_read(qk, mk, mv, k, scale, usage,
-                                                                       {None: 0, "hits": 1, "weights": 2}[mode])
+                                                                       USAGE_MODES[mode] if mode else 0)
         else:
             out, (index, weight) = vk.topk_memory_read(qk, mk, mv, k, usage=usage, usage_mode=mode or "hits",
                                                        return_topk=True)
@@ -885,8 +885,7 @@ def test_random_topk_read(backend, data):
     idx, w = index.cpu(), weight.cpu().double()
     assert ((idx >= 0) & (idx < Nm)).all(), "index out of [0, Nm)"
     assert (idx.sort(-1).values.diff(dim=-1) > 0).all(), "an entry selected twice by one query"
-    s = (2 * torch.einsum("bqc,bmc->bqm", q64, m64) - (m64 * m64).sum(-1).unsqueeze(1)) * scale
-    s = torch.nan_to_num(s, nan=float("inf"))                     # NaN ranks above every number
+    s = torch.nan_to_num(oracle.affinity(q64, m64, scale), nan=float("inf"))   # NaN ranks above every number
     # the selection: no entry left out ranks above one taken, beyond the affinities' error
     bound = (2 * q64.norm(dim=-1).amax() * m64.norm(dim=-1).nan_to_num().amax()
              + (m64 * m64).sum(-1).nan_to_num().amax()) * scale
@@ -939,7 +938,7 @@ def test_random_gmm_em(backend, data):
         mask = (mask if mask_mode == "bool" else mask.to(dtype if dtype not in HALF else torch.float32)).to(DEV)
     with float32_matmul_precision(data, dtype) as prec:
         if dtype in HALF:
-            means, resp = torch.ops.vos_kernels.gmm_em(x, mu, iters, kappa, mask, {"dot": 0, "l2": 1}[kernel], True)
+            means, resp = torch.ops.vos_kernels.gmm_em(x, mu, iters, kappa, mask, GMM_KERNELS[kernel], True)
         else:
             means, resp = vk.gmm_em(x, mu, iters, kappa, mask, kernel)
     if mask_mode == "empty row":
@@ -978,7 +977,7 @@ def test_random_prototype_ops(backend, data):
     vals = randn(g, B, K, CV, dtype=dtype)
     tol = half_tol(dtype, 1e-5)
     if dtype in HALF:
-        out = torch.ops.vos_kernels.prototype_attention(q, keys, vals, kappa, {"dot": 0, "l2": 1}[kernel])[0]
+        out = torch.ops.vos_kernels.prototype_attention(q, keys, vals, kappa, GMM_KERNELS[kernel])[0]
     else:
         out = vk.prototype_attention(q, keys, vals, kappa, kernel)
     assert_close_rel(out, R.prototype_attention(*cpu64(q, keys, vals), kappa, kernel), 1.0, tol,
