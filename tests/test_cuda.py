@@ -45,6 +45,7 @@ from hypothesis import strategies as st
 import oracle
 from session_seed import SESSION_SEED
 import vos_kernels as vk
+import vos_kernels.triton
 from vos_kernels import reference as R
 from vos_kernels.gmm import KERNELS as GMM_KERNELS
 from vos_kernels.memory import USAGE_MODES
@@ -187,11 +188,12 @@ def norm_scale(query, reference):
     return float(torch.nan_to_num((q * q).sum(-1), nan=0.0).max() + torch.nan_to_num((r * r).sum(-1), nan=0.0).max())
 
 
-def check_nearest(q, r, lab, L, rate, sq, ix, tol, exact_index):
-    """labelled_nearest_sqdist's (sqdist, index) against the float64 reference: the minima
-    within ``tol`` relative to ‖q‖² + ‖r‖², the same empty labels, an index that points at a
-    pixel of its label at that distance, and (``exact_index``) the reference's index."""
-    want, want_ix = R.labelled_nearest_sqdist(*cpu64(q, r), lab.cpu(), L, rate)
+def check_nearest(q, r, lab, L, rate, sq, ix, tol, exact_index, oracle_fn=R.labelled_nearest_sqdist):
+    """labelled_nearest_sqdist's (sqdist, index) against the float64 reference (or
+    ``oracle_fn`` of its signature): the minima within ``tol`` relative to ‖q‖² + ‖r‖², the
+    same empty labels, an index that points at a pixel of its label at that distance, and
+    (``exact_index``) the reference's index."""
+    want, want_ix = oracle_fn(*cpu64(q, r), lab.cpu(), L, rate)
     scale = norm_scale(q, r)
     assert_close_rel(sq, want, scale, tol, "sqdist")
     assert ((ix >= 0).cpu() == (want_ix >= 0)).all(), "empty labels differ"
@@ -637,6 +639,67 @@ def test_large_topk_64bit_offsets(gen, backend):
     w = torch.softmax(top.values, -1)
     want = torch.einsum("qk,qkc->qc", w, mv[0][top.indices])
     assert torch.allclose(out[0], want, rtol=1e-3, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------
+# a batch over CUDA's grid limit (65535 blocks along y and z): the CUDA C++ launchers loop
+# over batch slices or use grid axis x; the Triton op entries run slices (_limits.py)
+# ----------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_batch_over_the_grid_limit(gen, backend):
+    """65537 tiny problems per op. Oracles: the float64 reference, and for the matching ops
+    (whose references loop over the batch in Python: minutes) the C++ CPU op in float64,
+    itself tested against that reference."""
+    if DEV.type != "cuda":
+        pytest.skip("CUDA's grid limit: on a GPU only (the emulator would run 65537 blocks one by one)")
+    registered = torch.ops.vos_kernels
+    B, L = 65537, 2
+    q, r, lab = randn(gen, B, 2, 2, 4), randn(gen, B, 1, 2, 2, 4), labels(gen, L, B, 1, 2, 2)
+    sq, ix = vk.labelled_nearest_sqdist(q, r, lab, L)
+    check_nearest(q, r, lab, L, 1, sq, ix, rel_tol(torch.float32), exact_index=False,
+                  oracle_fn=registered.labelled_nearest_sqdist)
+    prev, plab = randn(gen, B, 2, 2, 4), labels(gen, L, B, 2, 2)
+    bias = torch.tensor([-0.2, 0.3], device=DEV)
+    fg, bg = vk.fb_multi_local_matching(q, prev, plab, L, [1], bias)
+    wfg, wbg, _ = registered.fb_multi_local_matching(*cpu64(q, prev), plab.cpu(), L, [1], bias.cpu().double(), 1)
+    assert_close_rel(fg, wfg, 1.0, 1e-5 * norm_scale(q, prev), "local fg")
+    assert_close_rel(bg, wbg, 1.0, 1e-5 * norm_scale(q, prev), "local bg")
+    assert_close_rel(vk.fb_instance_pooling(q, plab, L), R.fb_instance_pooling(*cpu64(q), plab.cpu(), L), 1.0, 1e-5,
+                     "pooled means")
+    # the backward kernel on random argmin indices (no near ties to route)
+    g, qf, rf = randn(gen, B, L, 4), q.reshape(B, 4, 4), r.reshape(B, 4, 4)
+    index = labels(gen, 4, B, L, 4)
+    bwd = vos_kernels.triton.nearest_sqdist_backward if backend == "triton" else registered.nearest_sqdist_backward
+    gq, gr = bwd(g, qf, rf, index)
+    g64, q64, r64 = cpu64(g, qf, rf)
+    ok = index.cpu() >= 0
+    sel = torch.gather(r64, 1, index.cpu().clamp(min=0).reshape(B, -1, 1).expand(-1, -1, 4)).reshape(B, L, 4, 4)
+    t = torch.where(ok.unsqueeze(-1), 2 * g64.unsqueeze(-1) * (q64.unsqueeze(1) - sel), 0.0)
+    want_gr = torch.zeros(B, 4, 4, dtype=torch.float64).scatter_add_(
+        1, index.cpu().clamp(min=0).reshape(B, -1, 1).expand(-1, -1, 4), -t.reshape(B, -1, 4))
+    assert_close_rel(gq, t.sum(1), 1.0, 1e-5, "grad_query")
+    assert_close_rel(gr, want_gr, 1.0, 1e-5, "grad_reference")
+    # top-k with usage: k = Nm, so the selection is every entry (no near ties to pick)
+    qk, mk, mv = randn(gen, B, 3, 4), randn(gen, B, 5, 4), randn(gen, B, 5, 3)
+    usage = torch.zeros(B, 5, device=DEV)
+    out = vk.topk_memory_read(qk, mk, mv, 5, usage=usage, usage_mode="weights")
+    u_ref = torch.zeros(B, 5)
+    want = R.topk_memory_read(*cpu64(qk, mk, mv), 5, usage=u_ref, usage_mode="weights")
+    assert_close_rel(out, want, 1.0, 1e-4, "top-k readout")
+    assert_close_rel(usage, u_ref, 1.0, 1e-4, "top-k usage")
+    x, mu = randn(gen, B, 6, 4), torch.nn.functional.normalize(randn(gen, B, 3, 4), dim=-1)
+    for got, want, what in zip(vk.gmm_em(x, mu, 2, 5.0), R.gmm_em(*cpu64(x, mu), 2, 5.0), ("means", "resp")):
+        assert_close_rel(got, want, 1.0, 1e-4, f"gmm_em {what}")       # kappa 5, 4 channels: well conditioned
+    resp = torch.softmax(randn(gen, B, 6, 3), -1)
+    assert_close_rel(vk.prototype_values(x, resp), R.prototype_values(*cpu64(x, resp)), 1.0, 1e-4, "prototype_values")
+    assert_close_rel(vk.prototype_attention(x, mu, mv[:, :3], 1.0),
+                     R.prototype_attention(*cpu64(x, mu, mv[:, :3]), 1.0), 1.0, 1e-4, "prototype_attention")
+    var = torch.rand(B, 3, 4, generator=gen).to(DEV) + 0.5
+    assert_close_rel(vk.diag_gmm_log_prob(x, mu, var), R.diag_gmm_log_prob(*cpu64(x, mu, var)), 1.0, 1e-4,
+                     "diag_gmm_log_prob")
+    reg = torch.full((3, 4), 0.1, device=DEV)
+    for got, want, what in zip(vk.diag_gmm_fit(x, resp, reg), R.diag_gmm_fit(*cpu64(x, resp, reg)), ("mean", "var")):
+        assert_close_rel(got, want, 1.0, 1e-4, f"diag_gmm_fit {what}")
 
 
 # ----------------------------------------------------------------------------------------

@@ -210,11 +210,16 @@ for dt in ("fp32", "fp16", "bf16"):
         K = len(wins)
         LG = max(1, min(L, 64 // K))
         bc, nch = (p2(C), 1) if p2(C) <= 128 else (64, -(-C // 64))
-        R = min(max(wins) // rate, (max(H, W) - 1) // rate)
+        RY, RX = (min(max(wins) // rate, (side - 1) // rate) for side in (H, W))
         add(tm._local_kernel, dt,
             dict(q_ptr=dt, p_ptr=dt, lab_ptr="i32", win_ptr="i32", bias_ptr="fp32", fg_ptr="fp32", idx_ptr="i64"),
-            dict(H=H, W=W, C=C, L=L, R=R, rate=rate),
+            dict(H=H, W=W, C=C, L=L, RY=RY, RX=RX, NOFF=(2 * RY + 1) * (2 * RX + 1), rate=rate),
             dict(K=K, LG=LG, LK_PAD=p2(LG * K), BLOCK_P=bp, BLOCK_C=bc, NUM_C_CHUNKS=nch), 8, 2)
+# a 40000 x 40000 frame and window: (2 R + 1)^2 >= 2^31 offsets, an int64 NOFF and loop
+add(tm._local_kernel, "fp32",
+    dict(q_ptr="fp32", p_ptr="fp32", lab_ptr="i32", win_ptr="i32", bias_ptr="fp32", fg_ptr="fp32", idx_ptr="i64"),
+    dict(H=40000, W=40000, C=8, L=2, RY=39999, RX=39999, NOFF=79999**2, rate=1),
+    dict(K=1, LG=2, LK_PAD=2, BLOCK_P=32, BLOCK_C=8, NUM_C_CHUNKS=1), 8, 2)
 # instance pooling: (N, C, L, BLOCK_P)
 POOL_SHAPES = ((1620, 100, 3, 32), (4096, 1, 2, 32), (960, 32, 8, 32), (100, 20, 2, 256))
 for dt in ("fp32", "fp16", "bf16"):
@@ -245,4 +250,4 @@ print("ALL", len(jobs), "triton", triton.__version__)
 
 
 def test_matching_kernels_compile_for_sm90(tmp_path):
-    compile_in_subprocess(MATCHING_SCRIPT, tmp_path, 47)
+    compile_in_subprocess(MATCHING_SCRIPT, tmp_path, 48)

@@ -295,6 +295,15 @@ def test_local_window_larger_than_frame_int32_noncontig(gen):
     run_local_and_check(q, p, lab, L, [2, 7, 30], 1)
 
 
+@pytest.mark.parametrize("H,W,rate", [(1, 40, 1), (2, 37, 2), (37, 2, 1), (3, 29, 3)])
+def test_local_wide_or_tall_frame(gen, H, W, rate):
+    """Each axis's offsets are clipped to the frame on its own (RY, RX): a window larger
+    than the short side and shorter than the long one."""
+    L = 3
+    q, p, lab = local_inputs(gen, B=1, H=H, W=W, C=5, L=L, lab_hi=L)
+    run_local_and_check(q, p, lab, L, [1, 4, 9, 60], rate)
+
+
 def test_local_single_label_and_chunked_channels(gen):
     q, p, lab = local_inputs(gen, B=1, H=4, W=5, C=144, L=1, lab_hi=1)
     fg, bg, idx, _, _ = run_local_and_check(q, p, lab, 1, [1, 2], 1)

@@ -78,6 +78,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._limits import check_count, launch_grid
 from .matching import _check_device, _interpreting, _next_pow2
 
 __all__ = ["diag_gmm_fit", "diag_gmm_fit_backward", "diag_gmm_log_prob", "diag_gmm_log_prob_backward", "gmm_em",
@@ -653,6 +654,20 @@ def _split_rows(N: int, block_n: int, rows: int, dev: torch.device, splits: int 
     return triton.cdiv(max(N, 1), split_rows), split_rows
 
 
+def _check_sizes(op: str, N: int, K: int, **widths: int) -> None:
+    """int32 indexing (``_limits.py``), before any copy: the points N (split bounds, row
+    offsets), and one batch element's padded prototype / Gaussian rows ``KP x width``
+    (offsets ``k * width`` in int32)."""
+    check_count(op, "N (points)", N)
+    KP = max(16, _next_pow2(K))
+    for name, width in widths.items():
+        check_count(op, f"{KP} x {name} (padded rows of one batch element)", KP * width)
+
+
+def _check_splits(op: str, nsplit: int, split_rows: int) -> None:
+    check_count(op, "splits x rows per split", nsplit * split_rows)
+
+
 def _kappa(kappa: float, acc: torch.dtype, dev: torch.device) -> torch.Tensor:
     return torch.tensor([float(kappa)], dtype=acc, device=dev)
 
@@ -667,6 +682,8 @@ def gmm_em(x: torch.Tensor, means: torch.Tensor, num_iters: int, kappa: float, m
 
     Returns ``(means_out [B, K, C], resp [B, N, K])`` in float32 (float64 for float64).
     """
+    op = "gmm_em"
+    _check_sizes(op, x.shape[1], means.shape[1], C=x.shape[2])
     dev = _check_device(x, means) if mask is None else _check_device(x, means, mask)
     x = _input(x, "x")
     B, N, C = x.shape
@@ -704,14 +721,16 @@ def gmm_em(x: torch.Tensor, means: torch.Tensor, num_iters: int, kappa: float, m
         # Many rows or few points (PCAN instance head): one program per row, all iterations.
         splits = 1 if 4 * B >= sms or tiles <= 4 else None
     nsplit, split_rows = _split_rows(N, block_n, rows, dev, splits)
+    _check_splits(op, nsplit, split_rows)
     common = dict(BLOCK_N=block_n, KP=KP, KERNEL=int(kernel), NORMALIZE=bool(normalize_means),
                   HAS_MASK=mask is not None, TF32=_tf32(x), num_warps=warps)
     if nsplit == 1:
         ncb = triton.cdiv(C, block_c)
         nsq = torch.zeros((B, ncb, KP), device=dev, dtype=acc)
         pa = torch.empty((B, 1, KP, C), device=dev, dtype=acc)
-        _em_kernel[(1, B)](x, mu, nsq, m, kap, resp, out, pa, pa, N, C, K, ncb, 1, split_rows, 0, num_iters,
-                           num_iters, BLOCK_C=block_c, NCB_P=_next_pow2(ncb), FUSED=True, **common)
+        grid = launch_grid(op, splits=1, batch_elements=B)
+        _em_kernel[grid](x, mu, nsq, m, kap, resp, out, pa, pa, N, C, K, ncb, 1, split_rows, 0, num_iters,
+                         num_iters, BLOCK_C=block_c, NCB_P=_next_pow2(ncb), FUSED=True, **common)
         return out, resp
     block_f = 16                         # C block of the split sums: C/16 programs per row
     ncb = triton.cdiv(C, block_f)
@@ -719,17 +738,22 @@ def gmm_em(x: torch.Tensor, means: torch.Tensor, num_iters: int, kappa: float, m
     ps = torch.empty((B, nsplit, KP), device=dev, dtype=acc)
     pa = torch.empty((B, nsplit, KP, C), device=dev, dtype=acc)
     for it in range(num_iters):
-        _em_kernel[(nsplit, B)](x, mu, nsq, m, kap, resp, out, ps, pa, N, C, K, ncb, nsplit, split_rows, it, 1,
-                                num_iters, BLOCK_C=block_c, NCB_P=_next_pow2(ncb), FUSED=False, **common)
-        _split_sum_kernel[(ncb, B)](pa, ps, mu, mu, nsq, C, KP, ncb, nsplit, KP=KP, BLOCK_C=block_f,
-                                    MODE=_DIV_EPS, HAS_ADD=False, WRITE_NSQ=True)
-    _em_output_kernel[(ncb, B)](mu, nsq, out, C, K, ncb, KP=KP, NCB_P=_next_pow2(ncb), BLOCK_C=block_f,
-                                NORMALIZE=bool(normalize_means))
+        grid = launch_grid(op, splits=nsplit, batch_elements=B)
+        _em_kernel[grid](x, mu, nsq, m, kap, resp, out, ps, pa, N, C, K, ncb, nsplit, split_rows, it, 1,
+                         num_iters, BLOCK_C=block_c, NCB_P=_next_pow2(ncb), FUSED=False, **common)
+        grid = launch_grid(op, channel_blocks=ncb, batch_elements=B)
+        _split_sum_kernel[grid](pa, ps, mu, mu, nsq, C, KP, ncb, nsplit, KP=KP, BLOCK_C=block_f,
+                                MODE=_DIV_EPS, HAS_ADD=False, WRITE_NSQ=True)
+    grid = launch_grid(op, channel_blocks=ncb, batch_elements=B)
+    _em_output_kernel[grid](mu, nsq, out, C, K, ncb, KP=KP, NCB_P=_next_pow2(ncb), BLOCK_C=block_f,
+                            NORMALIZE=bool(normalize_means))
     return out, resp
 
 
 def prototype_values(values: torch.Tensor, resp: torch.Tensor, splits: int | None = None) -> torch.Tensor:
     """Triton entry point of ``prototype_values``: ``[B, K, CV] = Σ_n r v / (1e-6 + Σ_n r)``."""
+    op = "prototype_values"
+    _check_sizes(op, values.shape[1], resp.shape[2], CV=values.shape[2])
     dev = _check_device(values, resp)
     v = _input(values, "values")
     r = _input(resp, "resp")
@@ -744,20 +768,25 @@ def prototype_values(values: torch.Tensor, resp: torch.Tensor, splits: int | Non
     block_v = min(64, max(16, _next_pow2(CV)))
     nvb = triton.cdiv(CV, block_v)
     nsplit, split_rows = _split_rows(N, block_n, B * nvb, dev, splits, min_tiles=4)
+    _check_splits(op, nsplit, split_rows)
     direct = nsplit == 1
     ps = torch.empty((B, nsplit, KP), device=dev, dtype=acc)
     pa = out if direct else torch.empty((B, nsplit, KP, CV), device=dev, dtype=acc)
-    _pv_kernel[(nsplit, nvb, B)](v, r, out, ps, pa, N, K, CV, nsplit, split_rows, BLOCK_N=block_n,
-                                 BLOCK_V=block_v, KP=KP, DIRECT=direct, TF32=_tf32(v))
+    grid = launch_grid(op, splits=nsplit, value_blocks=nvb, batch_elements=B)
+    _pv_kernel[grid](v, r, out, ps, pa, N, K, CV, nsplit, split_rows, BLOCK_N=block_n,
+                     BLOCK_V=block_v, KP=KP, DIRECT=direct, TF32=_tf32(v))
     if not direct:
-        _split_sum_kernel[(nvb, B)](pa, ps, out, out, out, CV, K, 1, nsplit, KP=KP, BLOCK_C=block_v,
-                                    MODE=_DIV_EPS, HAS_ADD=False, WRITE_NSQ=False)
+        grid = launch_grid(op, value_blocks=nvb, batch_elements=B)
+        _split_sum_kernel[grid](pa, ps, out, out, out, CV, K, 1, nsplit, KP=KP, BLOCK_C=block_v,
+                                MODE=_DIV_EPS, HAS_ADD=False, WRITE_NSQ=False)
     return out
 
 
 def prototype_attention(query: torch.Tensor, proto_keys: torch.Tensor, proto_values: torch.Tensor, kappa: float,
                         kernel: int):
     """Triton entry point of ``prototype_attention``: ``(out [B, Nq, CV], attn [B, Nq, K])``."""
+    op = "prototype_attention"
+    _check_sizes(op, query.shape[1], proto_keys.shape[1], C=query.shape[2], CV=proto_values.shape[2])
     dev = _check_device(query, proto_keys, proto_values)
     q = _input(query, "query")
     k = _input(proto_keys, "proto_keys")
@@ -773,7 +802,7 @@ def prototype_attention(query: torch.Tensor, proto_keys: torch.Tensor, proto_val
     block_q = 16 if _interpreting() else 32          # [32, KP ≤ 64] tiles: no spills for sm_90
     block_c = 16
     block_v = min(32, max(16, _next_pow2(CV)))
-    _attention_kernel[(triton.cdiv(Nq, block_q), B)](
+    _attention_kernel[launch_grid(op, query_blocks=triton.cdiv(Nq, block_q), batch_elements=B)](
         q, k, v, _kappa(kappa, acc, dev), out, attn, Nq, C, K, CV, BLOCK_Q=block_q, BLOCK_C=block_c,
         BLOCK_V=block_v, KP=KP, KERNEL=int(kernel), TF32=_tf32(q), num_warps=4)
     return out, attn
@@ -790,6 +819,8 @@ def _agame_blocks(KP: int) -> tuple[int, int]:
 
 def diag_gmm_log_prob(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     """Triton entry point of ``diag_gmm_log_prob``: ``[B, N, K]``."""
+    op = "diag_gmm_log_prob"
+    _check_sizes(op, x.shape[1], mean.shape[1], D=x.shape[2])
     dev = _check_device(x, mean, var)
     x, mean, var = _input(x, "x"), _input(mean, "mean"), _input(var, "var")
     B, N, D = x.shape
@@ -799,14 +830,16 @@ def diag_gmm_log_prob(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) ->
         return out
     KP = _next_pow2(K)
     block_n, block_d = _agame_blocks(KP)
-    _log_prob_kernel[(triton.cdiv(N, block_n), B)](x, mean, var, out, N, D, K, BLOCK_N=block_n, BLOCK_D=block_d,
-                                                   KP=KP)
+    grid = launch_grid(op, point_blocks=triton.cdiv(N, block_n), batch_elements=B)
+    _log_prob_kernel[grid](x, mean, var, out, N, D, K, BLOCK_N=block_n, BLOCK_D=block_d, KP=KP)
     return out
 
 
 def diag_gmm_log_prob_backward(grad: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
                                splits: int | None = None):
     """Triton entry point of ``diag_gmm_log_prob_backward``: ``(grad_x, grad_mean, grad_var)``."""
+    op = "diag_gmm_log_prob_backward"
+    _check_sizes(op, x.shape[1], mean.shape[1], D=x.shape[2])
     dev = _check_device(grad, x, mean, var)
     g, x, mean, var = _input(grad, "grad"), _input(x, "x"), _input(mean, "mean"), _input(var, "var")
     B, N, D = x.shape
@@ -823,20 +856,23 @@ def diag_gmm_log_prob_backward(grad: torch.Tensor, x: torch.Tensor, mean: torch.
     block_n, block_d = _agame_blocks(KP)
     ndb = triton.cdiv(D, block_d)
     nsplit, split_rows = _split_rows(N, block_n, B * ndb, dev, splits, min_tiles=4)
+    _check_splits(op, nsplit, split_rows)
     direct = nsplit == 1
     pm = gm if direct else torch.empty((B, nsplit, KP, D), device=dev, dtype=acc)
     pv = gv if direct else torch.empty((B, nsplit, KP, D), device=dev, dtype=acc)
-    _log_prob_bwd_kernel[(nsplit, ndb, B)](g, x, mean, var, gx, gm, gv, pm, pv, N, D, K, nsplit, split_rows,
-                                           BLOCK_N=block_n, BLOCK_D=block_d, KP=KP, DIRECT=direct, num_warps=8)
+    grid = launch_grid(op, splits=nsplit, feature_blocks=ndb, batch_elements=B)
+    _log_prob_bwd_kernel[grid](g, x, mean, var, gx, gm, gv, pm, pv, N, D, K, nsplit, split_rows,
+                               BLOCK_N=block_n, BLOCK_D=block_d, KP=KP, DIRECT=direct, num_warps=8)
     if not direct:
         bf = min(64, max(16, _next_pow2(D)))
         for part, res in ((pm, gm), (pv, gv)):
-            _split_sum_kernel[(triton.cdiv(D, bf), B)](part, part, res, res, res, D, K, 1, nsplit, KP=KP,
-                                                       BLOCK_C=bf, MODE=_SUM, HAS_ADD=False, WRITE_NSQ=False)
+            grid = launch_grid(op, feature_blocks=triton.cdiv(D, bf), batch_elements=B)
+            _split_sum_kernel[grid](part, part, res, res, res, D, K, 1, nsplit, KP=KP,
+                                    BLOCK_C=bf, MODE=_SUM, HAS_ADD=False, WRITE_NSQ=False)
     return gx, gm, gv
 
 
-def _fit_pass(x, w, mean, add, mode, second, splits):
+def _fit_pass(op, x, w, mean, add, mode, second, splits):
     """One pass over x: returns (result [B, K, D] with the epilogue ``mode`` (+ add),
     partial weight sums ``[B, splits, KP]``)."""
     dev = x.device
@@ -847,6 +883,7 @@ def _fit_pass(x, w, mean, add, mode, second, splits):
     block_n, block_d = _agame_blocks(KP)
     ndb = triton.cdiv(D, block_d)
     nsplit, split_rows = _split_rows(N, block_n, B * ndb, dev, splits, min_tiles=4)
+    _check_splits(op, nsplit, split_rows)
     direct = nsplit == 1
     out = torch.empty((B, K, D), device=dev, dtype=acc)
     ps = torch.empty((B, nsplit, KP), device=dev, dtype=acc)
@@ -854,18 +891,22 @@ def _fit_pass(x, w, mean, add, mode, second, splits):
     has_add = add is not None
     add_t = add if has_add else out
     mean_t = mean if second else out
-    _fit_pass_kernel[(nsplit, ndb, B)](x, w, mean_t, add_t, out, ps, pa, N, D, K, nsplit, split_rows,
-                                       BLOCK_N=block_n, BLOCK_D=block_d, KP=KP, SECOND=second, DIRECT=direct,
-                                       MODE=mode, HAS_ADD=has_add)
+    grid = launch_grid(op, splits=nsplit, feature_blocks=ndb, batch_elements=B)
+    _fit_pass_kernel[grid](x, w, mean_t, add_t, out, ps, pa, N, D, K, nsplit, split_rows,
+                           BLOCK_N=block_n, BLOCK_D=block_d, KP=KP, SECOND=second, DIRECT=direct,
+                           MODE=mode, HAS_ADD=has_add)
     if not direct:
         bf = min(64, max(16, _next_pow2(D)))
-        _split_sum_kernel[(triton.cdiv(D, bf), B)](pa, ps, add_t, out, out, D, K, 1, nsplit, KP=KP, BLOCK_C=bf,
-                                                   MODE=mode, HAS_ADD=has_add, WRITE_NSQ=False)
+        grid = launch_grid(op, feature_blocks=triton.cdiv(D, bf), batch_elements=B)
+        _split_sum_kernel[grid](pa, ps, add_t, out, out, D, K, 1, nsplit, KP=KP, BLOCK_C=bf,
+                                MODE=mode, HAS_ADD=has_add, WRITE_NSQ=False)
     return out, ps
 
 
 def diag_gmm_fit(x: torch.Tensor, weights: torch.Tensor, var_reg: torch.Tensor, splits: int | None = None):
     """Triton entry point of ``diag_gmm_fit``: ``(mean, var)``, two passes over x."""
+    op = "diag_gmm_fit"
+    _check_sizes(op, x.shape[1], weights.shape[2], D=x.shape[2])
     dev = _check_device(x, weights, var_reg)
     x, w = _input(x, "x"), _input(weights, "weights")
     B, N, D = x.shape
@@ -875,14 +916,16 @@ def diag_gmm_fit(x: torch.Tensor, weights: torch.Tensor, var_reg: torch.Tensor, 
     if B == 0 or K == 0 or D == 0 or N == 0:
         mean = torch.zeros((B, K, D), device=dev, dtype=acc)
         return mean, mean + reg
-    mean, _ = _fit_pass(x, w, None, None, _DIV_ONE, False, splits)
-    var, _ = _fit_pass(x, w, mean, reg, _DIV_ONE, True, splits)
+    mean, _ = _fit_pass(op, x, w, None, None, _DIV_ONE, False, splits)
+    var, _ = _fit_pass(op, x, w, mean, reg, _DIV_ONE, True, splits)
     return mean, var
 
 
 def diag_gmm_fit_backward(grad_mean: torch.Tensor, grad_var: torch.Tensor, x: torch.Tensor, weights: torch.Tensor,
                           mean: torch.Tensor, splits: int | None = None):
     """Triton entry point of ``diag_gmm_fit_backward``: ``(grad_x [B, N, D], grad_weights [B, N, K])``."""
+    op = "diag_gmm_fit_backward"
+    _check_sizes(op, x.shape[1], weights.shape[2], D=x.shape[2])
     dev = _check_device(grad_mean, grad_var, x, weights, mean)
     x, w = _input(x, "x"), _input(weights, "weights")
     B, N, D = x.shape
@@ -895,9 +938,10 @@ def diag_gmm_fit_backward(grad_mean: torch.Tensor, grad_var: torch.Tensor, x: to
     gm = grad_mean.to(acc).contiguous()
     gv = grad_var.to(acc).contiguous()
     mu = mean.to(acc).contiguous()
-    q, ps = _fit_pass(x, w, mu, None, _SUM, True, splits)        # Q = Σ w (x − μ)², S partials
+    q, ps = _fit_pass(op, x, w, mu, None, _SUM, True, splits)        # Q = Σ w (x − μ)², S partials
     KP = _next_pow2(K)
     block_n, block_d = _agame_blocks(KP)
-    _fit_bwd_kernel[(triton.cdiv(N, block_n), B)](gm, gv, x, w, mu, q, ps, gx, gw, N, D, K, ps.shape[1],
-                                                  BLOCK_N=block_n, BLOCK_D=block_d, KP=KP, num_warps=8)
+    grid = launch_grid(op, point_blocks=triton.cdiv(N, block_n), batch_elements=B)
+    _fit_bwd_kernel[grid](gm, gv, x, w, mu, q, ps, gx, gw, N, D, K, ps.shape[1],
+                          BLOCK_N=block_n, BLOCK_D=block_d, KP=KP, num_warps=8)
     return gx, gw

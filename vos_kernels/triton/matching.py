@@ -49,6 +49,7 @@ import triton
 import triton.language as tl
 
 from . import _MODULE
+from ._limits import check_count, launch_grid
 from . import __all__ as _ENTRY_POINTS  # one list of entry points, kept in the light package module
 
 __all__ = [name for name in _ENTRY_POINTS if _MODULE.get(name, "matching") == "matching"]
@@ -98,6 +99,15 @@ def _label_input(t: torch.Tensor, name: str) -> torch.Tensor:
     if t.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"vos_kernels.triton: {name} must be int32 or int64, got {t.dtype}")
     return t.contiguous()
+
+
+def _int32_labels(t: torch.Tensor, name: str, num_labels: int) -> torch.Tensor:
+    """Labels as contiguous int32, clamped to [-1, num_labels] first: the kernels ignore
+    labels outside [0, num_labels), and an int64 label of 2^32 would wrap to 0."""
+    t = _label_input(t, name)
+    if t.dtype == torch.int64:
+        t = t.clamp(-1, num_labels)
+    return t.to(torch.int32).contiguous()
 
 
 def _c_blocking(C: int, max_block: int = 128, chunk: int = 64) -> Tuple[int, int]:
@@ -285,15 +295,16 @@ def _bg_kernel(
         p += S
 
 
-def _bg_from_fg(fg: torch.Tensor) -> torch.Tensor:
-    """bg [B, L, ...] from fg [B, L, ...] (fp32, contiguous)."""
+def _bg_from_fg(fg: torch.Tensor, op: str) -> torch.Tensor:
+    """bg [B, L, ...] from fg [B, L, ...] (fp32, contiguous) of the op ``op``."""
     B, L = fg.shape[0], fg.shape[1]
     S = fg[0, 0].numel() if fg.numel() else 0
     bg = torch.empty_like(fg)
     if fg.numel() == 0:
         return bg
+    check_count(op, "pixels per label plane of fg", S)
     BLOCK = 256 if not _interpreting() else 1024
-    grid = (triton.cdiv(S, BLOCK), B)
+    grid = launch_grid(op, pixel_blocks=triton.cdiv(S, BLOCK), batch_elements=B)
     _bg_kernel[grid](fg, bg, L, S, BLOCK=BLOCK)
     return bg
 
@@ -342,6 +353,10 @@ def _global_launch(query, reference, reference_labels, num_labels, atrous_rate, 
                          "[B,T,Hr,Wr,C], reference_labels [B,T,Hr,Wr]")
     if int(atrous_rate) < 1:
         raise ValueError(f"vos_kernels.triton: atrous_rate must be >= 1, got {atrous_rate}")
+    op = "labelled_nearest_sqdist" if bias is None else "fb_global_matching"
+    # before any copy: ridx / bidx hold the reference pixel's flat index in int32
+    check_count(op, "H*W (query pixels)", query.shape[1] * query.shape[2])
+    check_count(op, "T*Hr*Wr (reference pixels)", reference.shape[1] * reference.shape[2] * reference.shape[3])
     dev = _check_device(query, reference, reference_labels)
     query = _float_input(query, "query")
     reference = _float_input(reference, "reference")
@@ -391,7 +406,7 @@ def _global_launch(query, reference, reference_labels, num_labels, atrous_rate, 
         bias_t = bias.to(device=dev, dtype=torch.float32).contiguous()
     else:
         bias_t = out  # unused pointer
-    grid = (triton.cdiv(Nq, BLOCK_M), L, B)
+    grid = launch_grid(op, query_blocks=triton.cdiv(Nq, BLOCK_M), labels=L, batch_elements=B)
     _global_min_kernel[grid](
         query, rows, ridx, seg, bias_t, out, idx, Nq, C, L,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C, NUM_C_CHUNKS=NCH,
@@ -459,7 +474,7 @@ def fb_global_matching(query: torch.Tensor, reference: torch.Tensor,
     """
     fg, idx = _global_launch(query, reference, reference_labels, num_labels, atrous_rate,
                              bias, block_m, block_n, allow_tf32)
-    bg = _bg_from_fg(fg)
+    bg = _bg_from_fg(fg, "fb_global_matching")
     return fg, bg, idx
 
 
@@ -477,7 +492,7 @@ def _local_kernel(
     bias_ptr,     # [L] fp32
     fg_ptr,       # [B, L, K, H*W] fp32
     idx_ptr,      # [B, L, K, H*W] int64
-    H, W, C, L, R, rate,
+    H, W, C, L, RY, RX, NOFF, rate,
     K: tl.constexpr, LG: tl.constexpr, LK_PAD: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, NUM_C_CHUNKS: tl.constexpr,
 ):
@@ -510,14 +525,14 @@ def _local_kernel(
 
     best = tl.full([BLOCK_P, LK_PAD], float("inf"), tl.float32)
     bidx = tl.full([BLOCK_P, LK_PAD], -1, tl.int32)
-    S = 2 * R + 1
-    # offsets in increasing (dy, dx): the neighbour's flat index increases, so the
-    # sequential update rule gives ties -> lowest flat index.
-    for oi in range(S * S):
-        ody = oi // S - R
-        odx = oi % S - R
-        dy = ody * rate
-        dx = odx * rate
+    # offsets in increasing (dy, dx), each axis clipped to the frame (RY, RX): the
+    # neighbour's flat index increases, so the sequential update rule gives ties -> lowest
+    # flat index. NOFF = (2 RY + 1)(2 RX + 1) comes from the host: an int64 argument (and
+    # loop) where it reaches 2^31.
+    SX = 2 * RX + 1
+    for oi in range(NOFF):
+        dy = (oi // SX - RY).to(tl.int32) * rate        # |dy|, |dx| < 2^30: the host checks H, W
+        dx = (oi % SX - RX).to(tl.int32) * rate
         ring = tl.maximum(tl.abs(dy), tl.abs(dx))
         ny = y + dy
         nx = x + dx
@@ -595,10 +610,18 @@ def fb_multi_local_matching(query: torch.Tensor, previous: torch.Tensor,
     if query.dim() != 4 or previous.dim() != 4 or previous_labels.dim() != 3:
         raise ValueError("vos_kernels.triton: expected query, previous [B,H,W,C] and "
                          "previous_labels [B,H,W]")
+    op = "fb_multi_local_matching"
+    H, W = query.shape[1], query.shape[2]
+    check_count(op, "H*W (pixels)", H * W)
+    if max(H, W) >= 2**30:     # y + dy and x + dx stay in int32
+        raise ValueError(f"vos_kernels.triton.{op}: H and W must be below 2^30 for the int32 indexing of the "
+                         f"Triton kernels, got {H} x {W}")
+    check_count(op, "K*H*W (pixels per label of fg)", len(windows) * H * W)
     dev = _check_device(query, previous, previous_labels)
     query = _float_input(query, "query")
     previous = _float_input(previous, "previous")
-    labels = _label_input(previous_labels, "previous_labels").to(torch.int32)
+    L = int(num_labels)
+    labels = _int32_labels(previous_labels, "previous_labels", L)
     rate = int(atrous_rate)
     if rate < 1:
         raise ValueError(f"vos_kernels.triton: atrous_rate must be >= 1, got {atrous_rate}")
@@ -606,7 +629,6 @@ def fb_multi_local_matching(query: torch.Tensor, previous: torch.Tensor,
     if len(wins) == 0:
         raise ValueError("vos_kernels.triton: windows must be a non-empty list of ints")
     B, H, W, C = query.shape
-    L = int(num_labels)
     K = len(wins)
     if tuple(previous.shape) != (B, H, W, C):
         raise ValueError(f"vos_kernels.triton: previous must be {(B, H, W, C)}, "
@@ -625,7 +647,8 @@ def fb_multi_local_matching(query: torch.Tensor, previous: torch.Tensor,
     if fg.numel() == 0:
         return fg, torch.empty_like(fg), idx
     R = max(wins) // rate
-    R = min(R, (max(H, W) - 1) // rate)        # offsets beyond the frame never match
+    RY = min(R, (H - 1) // rate)               # offsets beyond the frame never match
+    RX = min(R, (W - 1) // rate)
     win_t = torch.tensor(wins, device=dev, dtype=torch.int32)
     bias_t = bias.to(device=dev, dtype=torch.float32).contiguous()
     LG = max(1, min(L, _LOCAL_MAX_COLS // K))
@@ -639,14 +662,14 @@ def fb_multi_local_matching(query: torch.Tensor, previous: torch.Tensor,
         BLOCK_P = int(block_p)
     else:
         BLOCK_P = 128 if _interpreting() else 32
-    grid = (triton.cdiv(HW, BLOCK_P), n_groups, B)
+    grid = launch_grid(op, pixel_blocks=triton.cdiv(HW, BLOCK_P), label_groups=n_groups, batch_elements=B)
     _local_kernel[grid](
         query, previous, labels, win_t, bias_t, fg, idx,
-        H, W, C, L, R, rate,
+        H, W, C, L, RY, RX, (2 * RY + 1) * (2 * RX + 1), rate,
         K=K, LG=LG, LK_PAD=LK_PAD, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, NUM_C_CHUNKS=NCH,
         num_warps=8, num_stages=2,
     )
-    bg = _bg_from_fg(fg)
+    bg = _bg_from_fg(fg, op)
     return fg, bg, idx
 
 
@@ -680,7 +703,7 @@ def _pool_kernel(
         e = tl.load(e_ptr + b64 * N * C + offs_p.to(tl.int64)[:, None] * C + offs_c[None, :],
                     mask=pm[:, None] & cm[None, :], other=0.0).to(tl.float32)
         is_eq = lv == lab
-        is_ne = (lv >= 0) & (lv != lab)
+        is_ne = (lv >= 0) & (lv < L) & (lv != lab)
         acc_eq += tl.where(is_eq[:, None], e, 0.0)
         acc_ne += tl.where(is_ne[:, None], e, 0.0)
         cnt_eq += is_eq.to(tl.int32)
@@ -714,9 +737,9 @@ def fb_instance_pooling(embedding: torch.Tensor, labels: torch.Tensor, num_label
         raise ValueError("vos_kernels.triton: expected embedding [B,H,W,C], labels [B,H,W]")
     dev = _check_device(embedding, labels)
     emb = _float_input(embedding, "embedding")
-    lab = _label_input(labels, "labels").to(torch.int32)
-    B, H, W, C = emb.shape
     L = int(num_labels)
+    lab = _int32_labels(labels, "labels", L)
+    B, H, W, C = emb.shape
     if tuple(lab.shape) != (B, H, W):
         raise ValueError(f"vos_kernels.triton: labels must be {(B, H, W)}, "
                          f"got {tuple(lab.shape)}")
@@ -728,7 +751,7 @@ def fb_instance_pooling(embedding: torch.Tensor, labels: torch.Tensor, num_label
         return out.zero_()
     BLOCK_C = min(_next_pow2(C), 64)
     BLOCK_P = 256 if _interpreting() else 32
-    grid = (L, triton.cdiv(C, BLOCK_C), B)
+    grid = launch_grid("fb_instance_pooling", labels=L, channel_blocks=triton.cdiv(C, BLOCK_C), batch_elements=B)
     _pool_kernel[grid](emb, lab, out, N, C, L, BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, num_warps=4)
     return out
 
@@ -799,6 +822,7 @@ def nearest_sqdist_backward(grad: torch.Tensor, query: torch.Tensor, reference: 
     if grad.dim() != 3 or query.dim() != 3 or reference.dim() != 3 or index.dim() != 3:
         raise ValueError("vos_kernels.triton: expected grad [B,M,Nq], query [B,Nq,C], "
                          "reference [B,Nr,C], index [B,M,Nq]")
+    check_count("nearest_sqdist_backward", "Nq (query pixels)", query.shape[1])
     dev = _check_device(grad, query, reference, index)
     g = grad.to(torch.float32).contiguous()
     q = _float_input(query, "query")
@@ -821,7 +845,8 @@ def nearest_sqdist_backward(grad: torch.Tensor, query: torch.Tensor, reference: 
         return gq, gr
     BLOCK_C = min(_next_pow2(C), 64)
     BLOCK_P = 128 if _interpreting() else 32
-    grid = (triton.cdiv(Nq, BLOCK_P), triton.cdiv(C, BLOCK_C), B)
+    grid = launch_grid("nearest_sqdist_backward", query_blocks=triton.cdiv(Nq, BLOCK_P),
+                       channel_blocks=triton.cdiv(C, BLOCK_C), batch_elements=B)
     _nearest_bwd_kernel[grid](g, q, r, idx, gq, gr, M, Nq, Nr, C,
                               BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, num_warps=8)
     return gq, gr

@@ -48,6 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._limits import check_count, launch_grid
 from .matching import _interpreting, _next_pow2
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -243,6 +244,11 @@ def topk_memory_read(query_key: torch.Tensor, memory_key: torch.Tensor, memory_v
         if t.dtype not in _FLOAT_DTYPES:
             raise ValueError(f"vos_kernels.triton: {name} must be float32, float16 or bfloat16, got {t.dtype} "
                              "(float64 runs on the 'cpu' or 'reference' backend)")
+    op = "topk_memory_read"
+    # before any copy: top-k keys keep the memory index in their low 32 bits, and the split
+    # bounds are int32
+    check_count(op, "Nq (query pixels)", query_key.shape[1])
+    check_count(op, "Nm (memory entries)", memory_key.shape[1])
     dev = query_key.device
     q = query_key.contiguous()
     m = memory_key.contiguous()
@@ -266,19 +272,21 @@ def topk_memory_read(query_key: torch.Tensor, memory_key: torch.Tensor, memory_v
     if splits < 1 or splits & (splits - 1):
         raise ValueError(f"memory_splits: expected a power of 2, got {memory_splits!r}")
     split_rows = triton.cdiv(triton.cdiv(Nm, splits), block_m) * block_m
+    check_count(op, "memory_splits x rows per split", splits * split_rows)
     part = (torch.empty((B, splits, Nq, KP), device=dev, dtype=torch.int64) if splits > 1 else index)
-    _topk_select_kernel[(q_blocks, splits, B)](
+    _topk_select_kernel[launch_grid(op, query_blocks=q_blocks, memory_splits=splits, batch_elements=B)](
         q, m, index, weight, part, Nq, Nm, CK, K, float(scale), split_rows,
         BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_C=block_c, KP=KP, SPLITS=splits)
     if splits > 1:
         merge_q = 16 if splits * KP <= 512 else 8        # [merge_q, splits·KP] int64 candidates in registers
-        _topk_merge_kernel[(triton.cdiv(Nq, merge_q), B)](part, index, weight, Nq, K, BLOCK_Q=merge_q, KP=KP,
-                                                         SPLITS=splits)
+        grid = launch_grid(op, query_blocks=triton.cdiv(Nq, merge_q), batch_elements=B)
+        _topk_merge_kernel[grid](part, index, weight, Nq, K, BLOCK_Q=merge_q, KP=KP, SPLITS=splits)
     mode = int(usage_mode) if usage is not None else 0
     u = usage if usage is not None else weight          # a valid pointer, never read with mode 0
     usb, usn = (usage.stride(0), usage.stride(1)) if usage is not None else (0, 0)
     block_v = min(max(_next_pow2(CV), 16), 128)
-    _gather_readout_kernel[(Nq, triton.cdiv(CV, block_v), B)](
+    _gather_readout_kernel[launch_grid(op, queries=Nq, value_blocks=triton.cdiv(CV, block_v),
+                                       batch_elements=B)](
         v, index, weight, out, u, usb, usn, Nq, Nm, CV, K,
         BLOCK_V=block_v, KP=KP, USAGE_MODE=mode)
     return out, index, weight
