@@ -69,7 +69,8 @@
 # Predicted, not yet measured: build 1-1.5 min on 16 cores (6.4 min on 2 cores here), the
 # CUDA tests 2-3 min (Triton compiles most of it; the random-shape tests, last in the file,
 # add a Triton specialisation or two per example: VOS_CUDA_FUZZ_EXAMPLES=0 in the
-# environment drops them), the 13 @aims cases 2-3 min, segment under 1 min, the sanitizer
+# environment drops them; test_batch_over_the_grid_limit checks 65537-element batches
+# against CPU oracles, ~5-10 s per backend), the 13 @aims cases 2-3 min, segment under 1 min, the sanitizer
 # what is left. If the reply leaves >= 150 s of device time and the machine warm, a second
 # call at once (it goes back after 30 s idle; /tmp/gc and the build stay on a warm machine)
 # goes on with what was skipped: the same command with --resume, --budget <left - 60>,

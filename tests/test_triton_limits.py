@@ -119,6 +119,44 @@ def test_op_entries_slice_the_batch():
         assert entry is getattr(vt, name)            # built once
 
 
+@pytest.mark.parametrize("name", ["fb_global_matching", "prototype_attention"])
+def test_public_api_runs_the_slices(gen, name, monkeypatch):
+    """``vos_kernels.<op>`` with backend "triton" reaches the kernels through the sliced op
+    entries (forward, and on CUDA the matching backward kernel), and gives the C++ op's
+    values and gradients."""
+    import vos_kernels as vk
+
+    module = importlib.import_module(f"vos_kernels.triton.{vt._MODULE.get(name, 'matching')}")
+    seen = []
+    for fname in (name, "nearest_sqdist_backward"):
+        fn = getattr(module, fname, None)
+        if fn is not None:
+            monkeypatch.setattr(module, fname,
+                                lambda *a, fn=fn, fname=fname: seen.append((fname, a[0].shape[0])) or fn(*a))
+    monkeypatch.setattr(_limits, "BATCH_SLICE", 2)
+    args = [a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() and i < 2 else a
+            for i, a in enumerate(op_inputs(gen, name, 5))]
+    if name == "prototype_attention":
+        args[4] = "dot"
+    vk.set_backend("triton")
+    try:
+        got = outputs(getattr(vk, name)(*args))[0]
+        got.sum().backward()
+        grads = [a.grad.clone() for a in args[:2]]
+    finally:
+        vk.set_backend("auto")
+    for a in args[:2]:
+        a.grad = None
+    want = outputs(getattr(vk, name)(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in args]))[0]
+    want.sum().backward()
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-5)
+    for g_got, a in zip(grads, args[:2]):
+        torch.testing.assert_close(g_got.cpu(), a.grad.cpu(), rtol=1e-4, atol=1e-5)
+    assert [b for f, b in seen if f == name] == [2, 2, 1]
+    if name == "fb_global_matching" and DEV.type == "cuda":     # on CPU tensors the backward is the C++ op
+        assert [b for f, b in seen if f == "nearest_sqdist_backward"] == [2, 2, 1]
+
+
 def meta(*shape, dtype=torch.float32):
     """A meta tensor of ``shape`` (no memory, no data): the checks read shapes only, and an
     op that went past a missing check fails at once on it instead of allocating gigabytes."""
@@ -187,7 +225,8 @@ def test_launch_grid_limits():
     assert _limits.launch_grid("op", a=2**31 - 1, b=65535, c=65535) == (2**31 - 1, 65535, 65535)
     with pytest.raises(ValueError, match="op: 2147483648 query blocks exceed .*axis x"):
         _limits.launch_grid("op", query_blocks=2**31)
-    with pytest.raises(ValueError, match="op: 65536 labels exceed the CUDA grid limit \\(65535 programs along grid axis y"):
+    with pytest.raises(ValueError,
+                       match="op: 65536 labels exceed the CUDA grid limit \\(65535 programs along grid axis y"):
         _limits.launch_grid("op", query_blocks=1, labels=65536, batch_elements=1)
     with pytest.raises(ValueError, match="axis z"):
         _limits.launch_grid("op", a=1, b=1, batch_elements=65536)
@@ -196,9 +235,9 @@ def test_launch_grid_limits():
 GRID_CASES = {
     # L labels on grid axis y of the global kernel
     "global labels": ("fb_global_matching", "65536 labels",
-                      lambda g: (randn(g, 1, 1, 1, 4), randn(g, 1, 1, 1, 1, 4), torch.zeros(1, 1, 1, 1, dtype=torch.int64,
-                                                                                              device=DEV),
-                                 65536, torch.zeros(65536, device=DEV), 1)),
+                      lambda g: (randn(g, 1, 1, 1, 4), randn(g, 1, 1, 1, 1, 4),
+                                 torch.zeros(1, 1, 1, 1, dtype=torch.int64, device=DEV), 65536,
+                                 torch.zeros(65536, device=DEV), 1)),
     # 64 windows: one label per program, L label groups on axis y
     "local label groups": ("fb_multi_local_matching", "65536 label groups",
                            lambda g: (randn(g, 1, 1, 1, 4), randn(g, 1, 1, 1, 4),
