@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The test command of the README: set-up (scripts/install.sh), then the whole test suite
 # and the pytest-benchmark cases as a smoke pass (timing disabled), then, without a GPU,
-# tests/test_cuda.py on CPU tensors and on the CUDA emulator (plain, race-checked, then
-# memory-checked).
+# tests/test_cuda.py on CPU tensors, on the Triton kernels under the Triton interpreter,
+# and on the CUDA emulator (plain, race-checked, then memory-checked).
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k global`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +14,11 @@ PY=${PYTHON:-python3}
 # record are themselves tested. Skipped when arguments select tests (-k, paths).
 if [ $# -eq 0 ] && ! "$PY" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
     VOS_CUDA_TESTS_ON_CPU=1 "$PY" -m pytest -q tests/test_cuda.py
+    # the Triton kernels (backend "triton") under the Triton interpreter, with the same
+    # fixed and random-shape cases (~3 min)
+    if "$PY" -c 'import triton' >/dev/null 2>&1; then
+        VOS_CUDA_TESTS_TRITON=1 "$PY" -m pytest -q tests/test_cuda.py
+    fi
     # and the CUDA C++ kernels themselves, on the CPU emulator of tests/cuda_emu (g++,
     # fibers; a process of its own, as it replaces the CPU kernels of those ops)
     if command -v g++ >/dev/null 2>&1; then

@@ -7,6 +7,8 @@ float64 on CPU copies of the same fresh random inputs. Without CUDA every test s
 except when
 - ``VOS_CUDA_TESTS_ON_CPU=1``: they run on CPU tensors with backend ``"cpu"``, which
   checks this file's own logic on machines without a GPU;
+- ``VOS_CUDA_TESTS_TRITON=1``: they run the Triton kernels on CPU tensors under the Triton
+  interpreter (backend ``"triton"``; conftest.py sets ``TRITON_INTERPRET=1``);
 - ``VOS_CUDA_TESTS_EMULATED=1``: they run the CUDA C++ kernels of csrc/cuda/ on the CPU
   emulator of tests/cuda_emu (built and loaded at import, in place of the CPU kernels of
   those ops, so run this file in a pytest process of its own). ``VOS_EMU_ORDER`` picks
@@ -51,7 +53,9 @@ from vos_kernels.gmm import KERNELS as GMM_KERNELS
 from vos_kernels.memory import USAGE_MODES
 
 EMULATED = os.environ.get("VOS_CUDA_TESTS_EMULATED") == "1" and not torch.cuda.is_available()
-ON_CPU = (os.environ.get("VOS_CUDA_TESTS_ON_CPU") == "1" or EMULATED) and not torch.cuda.is_available()
+TRITON_INTERPRETED = os.environ.get("VOS_CUDA_TESTS_TRITON") == "1" and not torch.cuda.is_available()
+ON_CPU = ((os.environ.get("VOS_CUDA_TESTS_ON_CPU") == "1" or EMULATED or TRITON_INTERPRETED)
+          and not torch.cuda.is_available())
 if torch.cuda.is_available():
     DEV = torch.device("cuda")
     BACKENDS = ["cuda", "triton"]
@@ -64,6 +68,9 @@ elif EMULATED:
     cuda_emu.load()
     DEV = torch.device("cpu")
     BACKENDS = ["cuda-emulated"]
+elif TRITON_INTERPRETED:       # conftest.py sets TRITON_INTERPRET=1
+    DEV = torch.device("cpu")
+    BACKENDS = ["triton"]
 elif ON_CPU:
     DEV = torch.device("cpu")
     BACKENDS = ["cpu"]
@@ -543,8 +550,9 @@ def test_cuda_cpp_ops_every_dtype(gen, backend, dtype):
 # determinism: bitwise-equal reruns
 # ----------------------------------------------------------------------------------------
 def test_determinism(gen, backend):
-    if EMULATED:
-        pytest.skip("the emulator runs threads one at a time: reruns are equal by construction")
+    if EMULATED or TRITON_INTERPRETED:
+        pytest.skip("the emulator and the Triton interpreter run threads / programs one at a time: reruns are "
+                    "equal by construction")
     L = 4
     q = randn(gen, 2, 30, 33, 32)
     r = randn(gen, 2, 1, 30, 33, 32)
