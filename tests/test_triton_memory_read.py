@@ -88,6 +88,15 @@ def test_memory_splits_must_be_a_power_of_two(gen):
         tk(q, m, v, 3, 0.5, None, 0, memory_splits=3)
 
 
+def test_direct_call_refuses_k_below_one_and_an_empty_memory(gen):
+    """As the CPU and CUDA C++ ops (the public API checks both before any backend)."""
+    q, m, v = inputs(gen, 1, 4, 20, 4, 2)
+    with pytest.raises(ValueError, match="k must be >= 1, got 0"):
+        tk(q, m, v, 0, 0.5, None, 0)
+    with pytest.raises(ValueError, match="the memory is empty"):
+        tk(q, m[:, :0], v[:, :0], 3, 0.5, None, 0)
+
+
 def test_no_usage_leaves_nothing_touched(gen):
     q, m, v = inputs(gen, 1, 10, 70, 8, 4)
     out, idx, w = tk(q, m, v, 6, 0.3, None, 0)

@@ -245,6 +245,10 @@ def topk_memory_read(query_key: torch.Tensor, memory_key: torch.Tensor, memory_v
             raise ValueError(f"vos_kernels.triton: {name} must be float32, float16 or bfloat16, got {t.dtype} "
                              "(float64 runs on the 'cpu' or 'reference' backend)")
     op = "topk_memory_read"
+    if int(k) < 1:
+        raise ValueError(f"vos_kernels.triton.{op}: k must be >= 1, got {k}")
+    if memory_key.dim() == 3 and memory_key.shape[1] < 1:
+        raise ValueError(f"vos_kernels.triton.{op}: the memory is empty (memory_key {tuple(memory_key.shape)})")
     # before any copy: top-k keys keep the memory index in their low 32 bits, and the split
     # bounds are int32
     check_count(op, "Nq (query pixels)", query_key.shape[1])
